@@ -1,0 +1,165 @@
+"""Settings: one frozen object, built from keyword arguments, TOML, or strings.
+
+Every door goes through :func:`build_settings`, which checks each key against the
+table below, so a typo or a bad value raises :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+# zlib's own bounds: 0 means "store", 1-9 are deflate levels.
+MIN_LEVEL, MAX_LEVEL = 0, 9
+# A chunk under 1 KiB costs more in per-chunk overhead than it saves in memory; one
+# over 64 MiB defeats the point of streaming in constant memory.
+MIN_CHUNK, MAX_CHUNK = 1024, 64 * 1024 * 1024
+
+TRUE_STRINGS = {"1", "true", "yes", "on"}
+FALSE_STRINGS = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration of one :class:`~zipmiddleware.ZipMiddleware`."""
+
+    routes: tuple[tuple[str, Any], ...] = ()
+    # Every served file must resolve inside one of these (after symlinks).
+    roots: tuple[str, ...] = ()
+    # Folder names skipped at any depth when a folder is zipped (compared case-insensitively).
+    exclude: tuple[str, ...] = ()
+    # File-name globs skipped when a folder is zipped (compared case-insensitively).
+    ignore: tuple[str, ...] = ()
+    # 64 KiB: big enough that per-chunk overhead vanishes next to read + CRC-32,
+    # small enough that thousands of concurrent downloads stay in constant memory.
+    chunk_size: int = 65536
+    # Stored (0) by default: game and media files are already compressed, and
+    # deflate runs at ~35 MB/s, far below disk and network speed.
+    compression_level: int = 0
+    # Without ZIP64 an archive cannot pass 4 GiB or 65,535 entries.
+    zip64: bool = True
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+
+def _split_lines(value: str) -> list[str]:
+    """An .ini list: one item per line; a single-line value splits on whitespace."""
+    lines = [line.strip() for line in value.splitlines() if line.strip()]
+    if len(lines) == 1:
+        return lines[0].split()
+    return lines
+
+
+def _str_list(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = _split_lines(value)
+    if not _is_str_list(value):
+        raise ConfigError(key, f"expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _roots(key: str, value: Any) -> tuple[str, ...]:
+    roots = []
+    for item in _str_list(key, value):
+        real = os.path.realpath(item)
+        if not os.path.isdir(real):
+            raise ConfigError(key, f"{item!r} is not an existing directory")
+        roots.append(real)
+    return tuple(roots)
+
+
+def _int_in(low: int, high: int) -> Callable[[str, Any], int]:
+    def convert(key: str, value: Any) -> int:
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise ConfigError(key, f"expected a whole number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected a whole number, got {value!r}")
+        if not low <= value <= high:
+            raise ConfigError(key, f"expected a number from {low} to {high}, got {value}")
+        return value
+
+    return convert
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in TRUE_STRINGS:
+            return True
+        if text in FALSE_STRINGS:
+            return False
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(key, f"expected true or false, got {value!r}")
+
+
+def _routes(key: str, value: Any) -> tuple[tuple[str, Any], ...]:
+    """Routes: a mapping rule -> resolver, or (.ini) lines of ``RULE = RESOLVER``."""
+    if isinstance(value, str):
+        pairs = []
+        for line in value.splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            rule, _, rest = line.partition(" ")
+            resolver = rest.strip().removeprefix("=").strip()
+            if not rule or not resolver or not rest.strip().startswith("="):
+                raise ConfigError(key, f"expected lines of 'RULE = package.module:function', got {line!r}")
+            pairs.append((rule, resolver))
+        value = dict(pairs)
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"expected a mapping of rule -> resolver, got {value!r}")
+    for rule, resolver in value.items():
+        if not isinstance(rule, str) or not rule.startswith("/"):
+            raise ConfigError(f"{key}[{rule!r}]", "a rule is a path starting with '/'")
+        if not (callable(resolver) or isinstance(resolver, str)):
+            raise ConfigError(
+                f"{key}[{rule!r}]", f"expected a callable or 'package.module:function', got {resolver!r}"
+            )
+    return tuple(value.items())
+
+
+CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
+    "routes": _routes,
+    "roots": _roots,
+    "exclude": _str_list,
+    "ignore": _str_list,
+    "chunk_size": _int_in(MIN_CHUNK, MAX_CHUNK),
+    "compression_level": _int_in(MIN_LEVEL, MAX_LEVEL),
+    "zip64": _bool,
+}
+
+
+def build_settings(options: Mapping[str, Any]) -> Settings:
+    """Check and convert every key; unknown keys and bad values raise :class:`ConfigError`."""
+    values = {}
+    for key, value in options.items():
+        convert = CONVERTERS.get(key)
+        if convert is None:
+            known = ", ".join(sorted(CONVERTERS))
+            raise ConfigError(key, f"unknown setting (known settings: {known})")
+        values[key] = convert(key, value)
+    return Settings(**values)
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read the ``[zipmiddleware]`` table of a TOML file."""
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(os.fspath(path), f"not valid TOML: {exc}") from None
+    table = document.get("zipmiddleware")
+    if not isinstance(table, dict):
+        raise ConfigError("zipmiddleware", f"{os.fspath(path)} has no [zipmiddleware] table")
+    return table

@@ -1,0 +1,116 @@
+"""ZipMiddleware: match a route, call its resolver, answer with the target; else pass through."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from werkzeug.wrappers import Request, Response
+
+from .config import Settings, build_settings, read_toml
+from .errors import ConfigError, RefusedError
+from .planning import SERVER_ERROR, FilePlan, Planner, close_sources
+from .responses import (
+    ALLOWED_METHODS,
+    file_response,
+    method_not_allowed,
+    pending_response,
+    text_response,
+    zip_response,
+)
+from .routing import Match, Resolver, RouteTable
+from .targets import Failed, Pending, interpret
+from .types import StartResponse, WSGIApplication, WSGIEnvironment
+from .zipengine import needs_zip64
+
+logger = logging.getLogger("zipmiddleware")
+
+NOT_FOUND = "Not Found: this download does not exist."
+
+
+class ZipMiddleware:
+    """Serve configured download routes as a direct file or a streamed ZIP.
+
+    Requests that match no route go to ``app`` untouched.
+
+    >>> application = ZipMiddleware(
+    ...     app,
+    ...     routes={"/download/<int:game_id>": "myapp.downloads:resolve"},
+    ...     roots=["/srv/games"],
+    ... )
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        *,
+        routes: Mapping[str, Resolver | str] | str | None = None,
+        roots: Iterable[str] | str = (),
+        exclude: Iterable[str] | str = (),
+        ignore: Iterable[str] | str = (),
+        chunk_size: int | str = Settings.chunk_size,
+        compression_level: int | str = Settings.compression_level,
+        zip64: bool | str = Settings.zip64,
+        **unknown: Any,
+    ) -> None:
+        for key in unknown:
+            raise ConfigError(key, "unknown setting")
+        options: dict[str, Any] = {
+            "routes": routes or {},
+            "roots": list(roots) if not isinstance(roots, str) else roots,
+            "exclude": list(exclude) if not isinstance(exclude, str) else exclude,
+            "ignore": list(ignore) if not isinstance(ignore, str) else ignore,
+            "chunk_size": chunk_size,
+            "compression_level": compression_level,
+            "zip64": zip64,
+        }
+        self.app = app
+        self.settings = build_settings(options)
+        self.routes = RouteTable(self.settings.routes)
+        self.planner = Planner(self.settings)
+
+    @classmethod
+    def from_config(
+        cls, app: WSGIApplication, path: str | os.PathLike[str], **overrides: Any
+    ) -> ZipMiddleware:
+        """Read the ``[zipmiddleware]`` table of a TOML file; keyword arguments win."""
+        return cls(app, **{**read_toml(path), **overrides})
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        match = self.routes.match(environ)
+        if match is None:
+            return self.app(environ, start_response)
+        return self.respond(environ, match)(environ, start_response)
+
+    def respond(self, environ: WSGIEnvironment, match: Match) -> Response:
+        if environ.get("REQUEST_METHOD", "GET").upper() not in ALLOWED_METHODS:
+            return method_not_allowed()
+        try:
+            target = interpret(match.resolver(Request(environ), **match.args))
+        except Exception:
+            logger.exception("resolver for %s failed on %r", match.rule, environ.get("PATH_INFO"))
+            return text_response(500, SERVER_ERROR)
+        if target is None:
+            return text_response(404, NOT_FOUND)
+        if isinstance(target, Pending):
+            return pending_response(target.retry_after, target.message)
+        if isinstance(target, Failed):
+            return text_response(target.status, target.message)
+        try:
+            plan = self.planner.plan(target)
+            if isinstance(plan, FilePlan):
+                return file_response(plan, environ, self.settings.chunk_size)
+            if not self.settings.zip64 and needs_zip64(plan.entries):
+                raise RefusedError(500, SERVER_ERROR, "archive needs ZIP64 but zip64 = false")
+            return zip_response(plan, self.settings)
+        except RefusedError as exc:
+            close_sources(target)
+            level = logging.ERROR if exc.status >= 500 else logging.INFO
+            logger.log(level, "%s %s refused (%d): %s", match.rule, match.args, exc.status, exc)
+            return text_response(exc.status, exc.public)
+        except Exception:
+            close_sources(target)
+            logger.exception("planning %s %s failed", match.rule, match.args)
+            return text_response(500, SERVER_ERROR)

@@ -1,0 +1,88 @@
+"""Responses as values (werkzeug ``Response`` objects); the only place headers are decided."""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+import stat
+
+from werkzeug.exceptions import RequestedRangeNotSatisfiable
+from werkzeug.wrappers import Response
+from werkzeug.wsgi import wrap_file
+
+from .config import Settings
+from .errors import RefusedError
+from .names import content_disposition
+from .planning import NOT_FOUND, OPEN_FLAGS, FilePlan, ZipPlan
+from .types import WSGIEnvironment
+from .zipengine import ZipStream
+
+ALLOWED_METHODS = ("GET", "HEAD")
+
+
+def text_response(status: int, text: str, **headers: str) -> Response:
+    response = Response(text + "\n", status=status, mimetype="text/plain")
+    # An error or "not yet" must never be cached as if it were the download.
+    response.headers["Cache-Control"] = "no-store"
+    response.headers.update(headers)
+    return response
+
+
+def method_not_allowed() -> Response:
+    return text_response(
+        405, "Method Not Allowed: downloads answer GET and HEAD.", Allow=", ".join(ALLOWED_METHODS)
+    )
+
+
+def pending_response(retry_after: int, message: str | None) -> Response:
+    text = message or "Accepted: this download is being prepared; try again shortly."
+    return text_response(202, text, **{"Retry-After": str(max(0, int(retry_after)))})
+
+
+def file_response(plan: FilePlan, environ: WSGIEnvironment, chunk_size: int) -> Response:
+    """The file itself, as werkzeug's ``send_file`` would send it.
+
+    The body is the server's ``wsgi.file_wrapper`` object itself (so gunicorn can
+    use sendfile); conditional GET and single ranges come from werkzeug's
+    ``make_conditional``.
+    """
+    try:
+        fd = os.open(plan.file.path, OPEN_FLAGS)
+    except OSError:
+        raise RefusedError(404, NOT_FOUND, f"{plan.file.path!r} vanished before it was sent") from None
+    file = os.fdopen(fd, "rb")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RefusedError(404, NOT_FOUND, f"{plan.file.path!r} is no longer a regular file")
+        mimetype = plan.mimetype or mimetypes.guess_type(plan.download_name)[0] or "application/octet-stream"
+        response = Response(wrap_file(environ, file, chunk_size), mimetype=mimetype, direct_passthrough=True)
+        response.headers["Content-Disposition"] = content_disposition(plan.download_name)
+        response.content_length = st.st_size
+        response.last_modified = st.st_mtime  # type: ignore[assignment]
+        response.set_etag(f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}")
+        response.cache_control.no_cache = True
+        return response.make_conditional(environ, accept_ranges=True, complete_length=st.st_size)
+    except RequestedRangeNotSatisfiable:
+        file.close()
+        return text_response(416, "Range Not Satisfiable.", **{"Content-Range": f"bytes */{plan.file.size}"})
+    except BaseException:
+        file.close()
+        raise
+
+
+def zip_response(plan: ZipPlan, settings: Settings) -> Response:
+    """A streamed archive. Nothing is read until the server iterates the body."""
+    stream = ZipStream(
+        plan.entries,
+        chunk_size=settings.chunk_size,
+        compression_level=settings.compression_level,
+        zip64=settings.zip64,
+    )
+    response = Response(stream, mimetype="application/zip", direct_passthrough=True)
+    response.headers["Content-Disposition"] = content_disposition(plan.download_name)
+    # Proxies such as nginx buffer responses by default; a download must stream.
+    response.headers["X-Accel-Buffering"] = "no"
+    response.headers["Accept-Ranges"] = "none"
+    response.cache_control.no_cache = True
+    return response
