@@ -66,6 +66,10 @@ def _str_list(key: str, value: Any) -> tuple[str, ...]:
 
 
 def _roots(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, os.PathLike):
+        value = [value]
+    if isinstance(value, (list, tuple)):
+        value = [os.fspath(item) if isinstance(item, os.PathLike) else item for item in value]
     roots = []
     for item in _str_list(key, value):
         real = os.path.realpath(item)
@@ -103,6 +107,16 @@ def _bool(key: str, value: Any) -> bool:
     raise ConfigError(key, f"expected true or false, got {value!r}")
 
 
+def _split_route_line(line: str) -> tuple[str, str]:
+    """``RULE = RESOLVER``, split at the first ``=`` outside a ``<converter(arg=...)>``."""
+    depth = 0
+    for index, char in enumerate(line):
+        depth += {"<": 1, ">": -1}.get(char, 0)
+        if char == "=" and depth == 0:
+            return line[:index].strip(), line[index + 1 :].strip()
+    return "", ""
+
+
 def _routes(key: str, value: Any) -> tuple[tuple[str, Any], ...]:
     """Routes: a mapping rule -> resolver, or (.ini) lines of ``RULE = RESOLVER``."""
     if isinstance(value, str):
@@ -111,9 +125,8 @@ def _routes(key: str, value: Any) -> tuple[tuple[str, Any], ...]:
             line = line.strip()
             if not line:
                 continue
-            rule, _, rest = line.partition(" ")
-            resolver = rest.strip().removeprefix("=").strip()
-            if not rule or not resolver or not rest.strip().startswith("="):
+            rule, resolver = _split_route_line(line)
+            if not rule or not resolver:
                 raise ConfigError(key, f"expected lines of 'RULE = package.module:function', got {line!r}")
             pairs.append((rule, resolver))
         value = dict(pairs)

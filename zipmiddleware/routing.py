@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -42,17 +41,14 @@ class RouteTable:
 
     def __init__(self, routes: Iterable[tuple[str, Resolver | str]]) -> None:
         self._resolvers: dict[str, Resolver] = {}
-        rules = []
+        self._map = Map(strict_slashes=False, merge_slashes=False, redirect_defaults=False)
+        # No redirects: a request that is not exactly a download route belongs to the app.
         for rule, resolver in routes:
             self._resolvers[rule] = load_resolver(rule, resolver)
             try:
-                rules.append(Rule(rule, endpoint=rule))
+                self._map.add(Rule(rule, endpoint=rule))
             except (ValueError, LookupError) as exc:
                 raise ConfigError(f"routes[{rule!r}]", f"invalid rule: {exc}") from None
-        # No redirects: a request that is not exactly a download route belongs to the app.
-        self._map = Map(rules, strict_slashes=False, merge_slashes=False, redirect_defaults=False)
-        with contextlib.suppress(HTTPException):  # compile every rule now, not on the first request
-            self._map.bind("localhost").match("/")
 
     def match(self, environ: WSGIEnvironment) -> Match | None:
         adapter = self._map.bind_to_environ(environ)

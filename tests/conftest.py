@@ -1,0 +1,69 @@
+"""Shared fixtures for in-process tests (webtest with its WSGI lint on)."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from webtest import TestApp
+
+from zipmiddleware import ZipMiddleware
+
+
+def plain_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    """The wrapped application: answers every request it gets with a recognisable body."""
+    start_response("200 OK", [("Content-Type", "text/plain"), ("X-App", "yes")])
+    return [b"from the app: ", environ["PATH_INFO"].encode("latin-1")]
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def read_zip(body: bytes) -> dict[str, bytes]:
+    """Every entry of an archive, after checking all CRCs."""
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        assert archive.testzip() is None
+        return {info.filename: archive.read(info) for info in archive.infolist()}
+
+
+@pytest.fixture
+def games(tmp_path: Path) -> Path:
+    """A root holding a multi-file game, a single-file game and a file outside the games."""
+    root = tmp_path / "games"
+    write_tree(
+        root,
+        {
+            "quake/quake.exe": b"MZ" + b"q" * 5000,
+            "quake/id1/pak0.pak": bytes(range(256)) * 400,
+            "quake/id1/config.cfg": b"bind w +forward\n",
+            "quake/readme.nfo": b"cracked by nobody",
+            "quake/updates/patch.exe": b"patch",
+            "quake/extras/manual.pdf": b"%PDF",
+            "doom/doom.wad": b"IWAD" + b"d" * 9000,
+            "doom/file_id.diz": b"doom",
+        },
+    )
+    (tmp_path / "secret.txt").write_bytes(b"outside the roots")
+    return root
+
+
+@pytest.fixture
+def make_client(games: Path) -> Callable[..., TestApp]:
+    """A TestApp over ZipMiddleware(plain_app, ...) with one route per resolver."""
+
+    def make(resolve: Callable[..., Any], rule: str = "/download/<name>", **options: Any) -> TestApp:
+        options.setdefault("roots", [str(games)])
+        options.setdefault("exclude", ["updates", "extras"])
+        options.setdefault("ignore", ["*.nfo", "file_id.diz"])
+        return TestApp(ZipMiddleware(plain_app, routes={rule: resolve}, **options), lint=True)
+
+    return make

@@ -1,0 +1,144 @@
+"""Nothing outside the roots, no unsafe entry names, nothing internal in responses."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from zipmiddleware import FileTarget, ZipEntry, ZipTarget
+from zipmiddleware.names import NameTable, content_disposition, display_name, safe_arcname
+
+from .conftest import read_zip
+
+
+@pytest.mark.parametrize(
+    ("given", "safe"),
+    [
+        ("../../etc/passwd", "etc/passwd"),
+        ("/etc/passwd", "etc/passwd"),
+        ("a/../../b", "a/b"),
+        ("C:\\Windows\\system32\\x.dll", "Windows/system32/x.dll"),
+        ("c:relative.txt", "relative.txt"),
+        ("a\\..\\..\\b.txt", "a/b.txt"),
+        ("./a/./b//c.txt", "a/b/c.txt"),
+        ("nul\x00byte.txt", "nul_byte.txt"),
+        ("line\nbreak.txt", "line_break.txt"),
+        ("  spaced  /x", "spaced/x"),
+        ("日本語/ゲーム.iso", "日本語/ゲーム.iso"),
+        ("..", ""),
+    ],
+)
+def test_safe_arcname(given: str, safe: str) -> None:
+    assert safe_arcname(given) == safe
+
+
+def test_duplicates_are_renamed_case_insensitively() -> None:
+    table = NameTable()
+    added = [
+        table.add(name) for name in ["a.txt", "A.TXT", "a.txt", "dir/x", "dir", "f", "f/g", ".rc", ".rc"]
+    ]
+    assert added == ["a.txt", "A (1).TXT", "a (2).txt", "dir/x", "dir (1)", "f", "f (1)/g", ".rc", ".rc (1)"]
+
+
+def test_non_utf8_disk_names_are_decoded_as_cp1252() -> None:
+    assert display_name(os.fsdecode(b"caf\xe9.txt")) == "café.txt"
+    assert display_name(os.fsdecode(b"\x81x")) == "\ufffdx"  # undefined in cp1252
+    assert display_name("plain ü") == "plain ü"
+
+
+def test_content_disposition_cannot_inject_headers() -> None:
+    value = content_disposition('evil"\r\nSet-Cookie: x=1.zip')
+    assert "\r" not in value and "\n" not in value
+    assert value.startswith('attachment; filename="evil\\"Set-Cookie: x=1.zip"')
+
+
+def test_given_paths_outside_roots_are_403(make_client, games: Path, tmp_path: Path) -> None:
+    (games / "link-out").symlink_to(tmp_path / "secret.txt")
+    client = make_client(lambda request, name: FileTarget(games / name), rule="/download/<path:name>")
+    for name in ["..%2Fsecret.txt", "link-out"]:
+        response = client.get(f"/download/{name}", status=403)
+        assert "secret" not in response.text and str(tmp_path) not in response.text
+    client = make_client(lambda request, name: FileTarget("/etc/passwd"))
+    assert "root:" not in client.get("/download/x", status=403).text
+
+
+def test_entry_outside_roots_refuses_the_whole_zip(make_client, games: Path, tmp_path: Path) -> None:
+    resolve = lambda request, name: ZipTarget(  # noqa: E731
+        [ZipEntry("ok", path=games / "doom/doom.wad"), ZipEntry("leak", path=tmp_path / "secret.txt")]
+    )
+    assert make_client(resolve).get("/download/x", status=403)
+
+
+def test_relative_paths_are_under_the_first_root(make_client) -> None:
+    client = make_client(lambda request, name: FileTarget(name.replace("~", "/")))
+    assert client.get("/download/doom~doom.wad").body.startswith(b"IWAD")
+    client.get("/download/..~secret.txt", status=403)
+
+
+def test_no_roots_means_no_paths(make_client, games: Path, caplog) -> None:
+    client = make_client(lambda request, name: FileTarget(games / "doom/doom.wad"), roots=[])
+    with caplog.at_level(logging.ERROR, logger="zipmiddleware"):
+        client.get("/download/x", status=500)
+    assert "no 'roots' configured" in caplog.text
+    sources_only = make_client(lambda request, name: ZipTarget([ZipEntry("a", source=b"fine")]), roots=[])
+    assert read_zip(sources_only.get("/download/x").body) == {"a": b"fine"}
+
+
+def test_walk_skips_symlinks_leaving_the_roots(make_client, games: Path, tmp_path: Path, caplog) -> None:
+    quake = games / "quake"
+    (quake / "passwd").symlink_to("/etc/passwd")
+    (quake / "etc").symlink_to("/etc")
+    (quake / "secret").symlink_to(tmp_path / "secret.txt")
+    (quake / "id1" / "loop").symlink_to(quake)  # inside the root, but a loop
+    (quake / "doom").symlink_to(games / "doom")  # inside the root: followed
+    client = make_client(lambda request, name: ZipTarget.from_directory(games / name))
+    with caplog.at_level(logging.WARNING, logger="zipmiddleware"):
+        entries = read_zip(client.get("/download/quake").body)
+    assert set(entries) == {"doom/doom.wad", "id1/config.cfg", "id1/pak0.pak", "quake.exe"}
+    assert "resolves outside the roots" in caplog.text
+
+
+def test_directory_symlinked_out_of_roots_is_403(make_client, games: Path, tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "a").write_bytes(b"a")
+    (games / "outlink").symlink_to(tmp_path / "elsewhere")
+    client = make_client(lambda request, name: ZipTarget.from_directory(games / name))
+    client.get("/download/outlink", status=403)
+
+
+def test_walk_with_unsafe_and_colliding_names(make_client, games: Path) -> None:
+    folder = games / "names"
+    folder.mkdir()
+    for raw in [
+        b"caf\xe9.txt",
+        "café.txt".encode(),
+        b"CAFE.txt",
+        b"cafe.txt",
+        b"back\\slash.txt",
+        b"\xff\xfe.bin",
+    ]:
+        (folder / os.fsdecode(raw)).write_bytes(raw)
+    client = make_client(lambda request, name: ZipTarget.from_directory(games / name))
+    entries = read_zip(client.get("/download/names").body)
+    assert sorted(entries) == sorted(
+        ["CAFE.txt", "back/slash.txt", "café.txt", "café (1).txt", "cafe (1).txt", "ÿþ.bin"]
+    )
+    assert sorted(entries.values()) == sorted(os.fsencode(name) for name in os.listdir(folder))
+
+
+def test_missing_entry_is_404_before_anything_is_sent(make_client, games: Path) -> None:
+    resolve = lambda request, name: ZipTarget(
+        [ZipEntry("a", path=games / "doom/doom.wad"), ZipEntry("b", path=name)]
+    )  # noqa: E731
+    response = make_client(resolve).get("/download/ghost.bin", status=404)
+    assert "ghost" not in response.text
+
+
+def test_special_files_are_not_served(make_client, games: Path) -> None:
+    os.mkfifo(games / "pipe")
+    client = make_client(lambda request, name: FileTarget(games / name))
+    client.get("/download/pipe", status=404)  # and must not hang on open()
+    client.get("/download/quake", status=404)  # a folder is not a file
