@@ -134,7 +134,11 @@ class Planner:
 
     def check_file(self, path: StrPath) -> FileSnapshot:
         """Confine, open and fstat a file; the open proves it is readable now."""
-        real = self.confine(path)
+        return self.snapshot(self.confine(path))
+
+    @staticmethod
+    def snapshot(real: str) -> FileSnapshot:
+        """Open and fstat an already confined real path."""
         try:
             fd = os.open(real, OPEN_FLAGS)
         except (FileNotFoundError, NotADirectoryError):
@@ -210,10 +214,11 @@ class Planner:
                 raise RefusedError(500, SERVER_ERROR, f"folder {folder!r} cannot be listed: {exc}") from None
             for child in children:
                 rel = prefix + child.name
+                # ``folder`` is a real path, so only a symlink child needs resolving.
+                real = os.path.realpath(child.path) if child.is_symlink() else child.path
                 if child.is_dir():
                     if child.name.casefold() in self.exclude:
                         continue
-                    real = os.path.realpath(child.path)
                     if not self.inside_roots(real):
                         logger.warning("skipping folder %r: it resolves outside the roots", child.path)
                     elif real in seen:
@@ -224,12 +229,11 @@ class Planner:
                 elif child.is_file():
                     if self.ignored(child.name):
                         continue
-                    real = os.path.realpath(child.path)
                     if not self.inside_roots(real):
                         logger.warning("skipping file %r: it resolves outside the roots", child.path)
                         continue
                     try:
-                        found.append((rel, self.check_file(real)))
+                        found.append((rel, self.snapshot(real)))
                     except RefusedError as exc:
                         if exc.status != 404:
                             raise
