@@ -57,7 +57,7 @@ def test_string_values_as_pastedeploy_delivers_them(tmp_path: Path) -> None:
     settings = build_settings(
         {
             "roots": f"\n{tmp_path / 'a'}\n{tmp_path / 'b c'}\n",
-            "exclude": "updates extras",
+            "exclude": "updates\nOld Versions",
             "ignore": "*.nfo\n*.sfv",
             "chunk_size": " 131072 ",
             "compression_level": "6",
@@ -68,12 +68,19 @@ def test_string_values_as_pastedeploy_delivers_them(tmp_path: Path) -> None:
     assert settings == Settings(
         routes=(("/download/<int:game_id>", "tests.test_config:resolve"), ("/files/<path:sub>", "x")),
         roots=(str(tmp_path / "a"), str(tmp_path / "b c")),
-        exclude=("updates", "extras"),
+        exclude=("updates", "Old Versions"),
         ignore=("*.nfo", "*.sfv"),
         chunk_size=131072,
         compression_level=6,
         zip64=False,
     )
+
+
+def test_a_one_line_list_is_one_item(tmp_path: Path) -> None:
+    (tmp_path / "My Games").mkdir()
+    settings = build_settings({"roots": str(tmp_path / "My Games"), "exclude": "Old Versions"})
+    assert settings.roots == (str(tmp_path / "My Games"),)
+    assert settings.exclude == ("Old Versions",)
 
 
 def test_bad_route_line_names_the_key() -> None:

@@ -50,11 +50,8 @@ def _is_str_list(value: Any) -> bool:
 
 
 def _split_lines(value: str) -> list[str]:
-    """An .ini list: one item per line; a single-line value splits on whitespace."""
-    lines = [line.strip() for line in value.splitlines() if line.strip()]
-    if len(lines) == 1:
-        return lines[0].split()
-    return lines
+    """An .ini list: one item per line (paths and folder names may contain spaces)."""
+    return [line.strip() for line in value.splitlines() if line.strip()]
 
 
 def _str_list(key: str, value: Any) -> tuple[str, ...]:

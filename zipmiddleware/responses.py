@@ -8,7 +8,7 @@ import stat
 
 from werkzeug.exceptions import RequestedRangeNotSatisfiable
 from werkzeug.wrappers import Response
-from werkzeug.wsgi import wrap_file
+from werkzeug.wsgi import FileWrapper, wrap_file
 
 from .config import Settings
 from .errors import RefusedError
@@ -42,9 +42,11 @@ def pending_response(retry_after: int, message: str | None) -> Response:
 def file_response(plan: FilePlan, environ: WSGIEnvironment, chunk_size: int) -> Response:
     """The file itself, as werkzeug's ``send_file`` would send it.
 
-    The body is the server's ``wsgi.file_wrapper`` object itself (so gunicorn can
-    use sendfile); conditional GET and single ranges come from werkzeug's
-    ``make_conditional``.
+    A full 200 body is the server's ``wsgi.file_wrapper`` object itself, so
+    gunicorn can use sendfile. Conditional GET and single ranges come from
+    werkzeug's ``make_conditional``; a 206 keeps werkzeug's own ``FileWrapper``,
+    which can seek, because gunicorn's cannot and werkzeug would otherwise read
+    and discard every byte before the range.
     """
     try:
         fd = os.open(plan.file.path, OPEN_FLAGS)
@@ -56,13 +58,16 @@ def file_response(plan: FilePlan, environ: WSGIEnvironment, chunk_size: int) -> 
         if not stat.S_ISREG(st.st_mode):
             raise RefusedError(404, NOT_FOUND, f"{plan.file.path!r} is no longer a regular file")
         mimetype = plan.mimetype or mimetypes.guess_type(plan.download_name)[0] or "application/octet-stream"
-        response = Response(wrap_file(environ, file, chunk_size), mimetype=mimetype, direct_passthrough=True)
+        response = Response(FileWrapper(file, chunk_size), mimetype=mimetype, direct_passthrough=True)
         response.headers["Content-Disposition"] = content_disposition(plan.download_name)
         response.content_length = st.st_size
         response.last_modified = st.st_mtime  # type: ignore[assignment]
         response.set_etag(f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}")
         response.cache_control.no_cache = True
-        return response.make_conditional(environ, accept_ranges=True, complete_length=st.st_size)
+        response.make_conditional(environ, accept_ranges=True, complete_length=st.st_size)
+        if response.status_code == 200:
+            response.response = wrap_file(environ, file, chunk_size)
+        return response
     except RequestedRangeNotSatisfiable:
         file.close()
         return text_response(416, "Range Not Satisfiable.", **{"Content-Range": f"bytes */{plan.file.size}"})

@@ -1,0 +1,351 @@
+"""The examples, run as a user runs them: the Flask game library, the Pyramid app via PasteDeploy,
+and the Pyramid app under a real gunicorn started with ``--paste``."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import io
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from urllib.parse import quote
+
+import pytest
+from paste.deploy import loadapp
+from webtest import TestApp
+
+PROJECT = Path(__file__).resolve().parent.parent
+EXAMPLES = PROJECT / "examples"
+PYRAMID_APP = EXAMPLES / "pyramid_app"
+PYRAMID_INI = PYRAMID_APP / "development.ini"
+
+EXCLUDED_DIRS = {"updates", "extras"}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_zip(body: bytes) -> dict[str, bytes]:
+    """Every entry of an archive, after checking every CRC."""
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        assert archive.testzip() is None
+        return {info.filename: archive.read(info) for info in archive.infolist()}
+
+
+def expected_entries(folder: Path) -> dict[str, bytes]:
+    """What a ZIP of ``folder`` must hold: no updates/extras folders, no .nfo/.sfv/file_id.diz."""
+    found = {}
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if not path.is_file() or EXCLUDED_DIRS & {part.lower() for part in rel.parts[:-1]}:
+            continue
+        if path.suffix.lower() in (".nfo", ".sfv") or path.name.lower() == "file_id.diz":
+            continue
+        found[rel.as_posix()] = path.read_bytes()
+    return found
+
+
+# -- the Flask game library --------------------------------------------------------------------
+
+
+def import_flask_example(data: Path) -> ModuleType:
+    """Import examples/flask_app.py afresh, with its data (games + database) under ``data``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ZM_DEMO_DATA", str(data))
+        patch.syspath_prepend(str(EXAMPLES))
+        sys.modules.pop("flask_app", None)
+        try:
+            return importlib.import_module("flask_app")
+        finally:
+            sys.modules.pop("flask_app", None)
+
+
+@pytest.fixture(scope="module")
+def flask_example(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    return import_flask_example(tmp_path_factory.mktemp("flask-demo"))
+
+
+@pytest.fixture
+def flask_client(flask_example: ModuleType) -> TestApp:
+    return TestApp(flask_example.app, lint=True)
+
+
+def game_id(module: ModuleType, name: str) -> int:
+    with contextlib.closing(sqlite3.connect(module.DATABASE)) as db:
+        (number,) = db.execute("SELECT id FROM games WHERE name = ?", (name,)).fetchone()
+    return int(number)
+
+
+def insert_request(
+    module: ModuleType, status: str, path: str | None, download_name: str | None = None
+) -> int:
+    """A download_requests row as a background job would leave it."""
+    with contextlib.closing(sqlite3.connect(module.DATABASE)) as db, db:
+        cursor = db.execute(
+            "INSERT INTO download_requests (game_id, user_name, status, path, download_name)"
+            " VALUES (1, 'guest', ?, ?, ?)",
+            (status, path, download_name),
+        )
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid
+
+
+def request_download(client: TestApp, module: ModuleType, name: str, status: str) -> str:
+    """POST /games/<id>/request and check the JSON answers; return the download URL."""
+    created = client.post(f"/games/{game_id(module, name)}/request", status=201)
+    assert created.json["status"] == status
+    assert created.json["download_url"] == f"/download/{created.json['id']}"
+    polled = client.get(f"/requests/{created.json['id']}")
+    assert polled.json["status"] == status
+    assert polled.json["download_url"] == created.json["download_url"]
+    return str(created.json["download_url"])
+
+
+def test_flask_index_lists_every_game(flask_client: TestApp, flask_example: ModuleType) -> None:
+    page = flask_client.get("/")
+    assert page.content_type == "text/html"
+    for name in flask_example.SAMPLE_GAMES:
+        assert name in page.text
+    assert page.text.count("Download</button>") == len(flask_example.SAMPLE_GAMES)
+
+
+def test_flask_sample_library_is_the_same_on_every_start(flask_example: ModuleType, tmp_path: Path) -> None:
+    again = import_flask_example(tmp_path)
+    first = {
+        p.relative_to(flask_example.GAMES): sha256(p.read_bytes())
+        for p in flask_example.GAMES.rglob("*")
+        if p.is_file()
+    }
+    second = {
+        p.relative_to(again.GAMES): sha256(p.read_bytes()) for p in again.GAMES.rglob("*") if p.is_file()
+    }
+    assert first == second
+    assert not list(tmp_path.glob(".games-*"))  # no staging folder left behind
+    again.create_sample_library()  # a second start of the same data folder changes nothing
+    with contextlib.closing(sqlite3.connect(again.DATABASE)) as db:
+        assert db.execute("SELECT count(*) FROM games").fetchone()[0] == len(again.SAMPLE_GAMES)
+
+
+def test_flask_single_file_game_is_sent_as_the_file(flask_client: TestApp, flask_example: ModuleType) -> None:
+    url = request_download(flask_client, flask_example, "Doom (1993)", "available")
+    source = (flask_example.GAMES / "Doom (1993)" / "DOOM.ZIP").read_bytes()
+    response = flask_client.get(url)
+    assert response.headers["Content-Length"] == str(len(source))
+    assert "filename=DOOM.ZIP" in response.headers["Content-Disposition"]
+    assert sha256(response.body) == sha256(source)
+
+
+@pytest.mark.parametrize("name", ["Ōkami Fan Edition", "Commander Keen"])
+def test_flask_multi_file_game_is_a_zip(flask_client: TestApp, flask_example: ModuleType, name: str) -> None:
+    url = request_download(flask_client, flask_example, name, "streaming_ready")
+    response = flask_client.get(url)
+    assert response.content_type == "application/zip"
+    assert f"filename*=UTF-8''{quote(name)}.zip" in response.headers["Content-Disposition"]
+    entries = read_zip(response.body)
+    expected = expected_entries(flask_example.GAMES / name)
+    assert sorted(entries) == sorted(expected)
+    assert {k: sha256(v) for k, v in entries.items()} == {k: sha256(v) for k, v in expected.items()}
+    for entry in entries:
+        assert not EXCLUDED_DIRS & set(entry.lower().split("/"))
+        assert not entry.lower().endswith((".nfo", ".sfv", "file_id.diz"))
+
+
+@pytest.mark.parametrize("status", ["pending", "processing"])
+def test_flask_request_still_being_prepared_is_202(
+    flask_client: TestApp, flask_example: ModuleType, status: str
+) -> None:
+    request_id = insert_request(flask_example, status, None)
+    response = flask_client.get(f"/download/{request_id}", status=202)
+    assert int(response.headers["Retry-After"]) > 0
+    assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_flask_failed_request_is_an_error_without_internals(
+    flask_client: TestApp, flask_example: ModuleType
+) -> None:
+    request_id = insert_request(flask_example, "failed", "/srv/internal/staging-7f3a", "INTERNAL-NAME.zip")
+    response = flask_client.get(f"/download/{request_id}", expect_errors=True)
+    assert 400 <= response.status_int < 600
+    for secret in ("staging-7f3a", "/srv/internal", "INTERNAL-NAME", "Traceback"):
+        assert secret not in response.text
+    assert "Content-Disposition" not in response.headers
+
+
+def test_flask_unknown_ids_are_404(flask_client: TestApp) -> None:
+    flask_client.get("/download/999999", status=404)
+    flask_client.get("/requests/999999", status=404)
+    flask_client.post("/games/999999/request", status=404)
+
+
+def test_flask_request_of_another_user_is_404(flask_client: TestApp, flask_example: ModuleType) -> None:
+    url = request_download(flask_client, flask_example, "Quake", "available")
+    flask_client.get(url, extra_environ={"REMOTE_USER": "mallory"}, status=404)
+
+
+def test_flask_app_pages_still_reach_flask(flask_client: TestApp) -> None:
+    flask_client.get("/no-such-page", status=404)  # Flask's own 404, not the middleware's
+    flask_client.post("/download/1", status=405)  # download routes answer GET and HEAD only
+
+
+# -- the Pyramid app through PasteDeploy -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pyramid_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("pyramid-demo")
+    data = base / "files"
+    files = {
+        "Jazz Jackrabbit/JAZZ.EXE": b"MZ" + bytes(range(256)) * 64,
+        "Jazz Jackrabbit/levels/DIAMOND.J2L": b"level" * 1000,
+        "Jazz Jackrabbit/JAZZ.NFO": b"release notes",
+        "Jazz Jackrabbit/file_id.diz": b"Jazz Jackrabbit shareware",
+        "Jazz Jackrabbit/extras/soundtrack.mod": b"M.K." * 100,
+        "Jazz Jackrabbit/updates/patch.exe": b"patch",
+        "readme-first.txt": b"Read me first.\n",
+    }
+    for rel, content in files.items():
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_bytes(content)
+    (base / "outside.txt").write_bytes(b"not for download")
+    (data / "link-out").symlink_to(base / "outside.txt")
+    return data
+
+
+@pytest.fixture(scope="module")
+def pyramid_client(pyramid_data: Path) -> Iterator[TestApp]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(PYRAMID_APP))
+        for name in ("library", "library.downloads"):
+            patch.delitem(sys.modules, name, raising=False)
+        app = loadapp("config:" + str(PYRAMID_INI), global_conf={"data_dir": str(pyramid_data)})
+        yield TestApp(app, lint=True)
+        for name in ("library", "library.downloads"):
+            sys.modules.pop(name, None)
+
+
+def test_pyramid_home_is_pyramid(pyramid_client: TestApp) -> None:
+    page = pyramid_client.get("/")
+    assert 'href="/files/Jazz%20Jackrabbit"' in page.text
+    assert 'href="/files/readme-first.txt"' in page.text
+
+
+def test_pyramid_folder_is_a_zip(pyramid_client: TestApp, pyramid_data: Path) -> None:
+    response = pyramid_client.get("/files/Jazz%20Jackrabbit")
+    assert response.content_type == "application/zip"
+    assert 'filename="Jazz Jackrabbit.zip"' in response.headers["Content-Disposition"]
+    assert read_zip(response.body) == expected_entries(pyramid_data / "Jazz Jackrabbit")
+    assert sorted(read_zip(response.body)) == ["JAZZ.EXE", "levels/DIAMOND.J2L"]
+
+
+def test_pyramid_file_is_sent_as_it_is(pyramid_client: TestApp, pyramid_data: Path) -> None:
+    response = pyramid_client.get("/files/readme-first.txt")
+    assert response.body == (pyramid_data / "readme-first.txt").read_bytes()
+    assert "filename=readme-first.txt" in response.headers["Content-Disposition"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/files/nothing-here",
+        "/files/%2E%2E/outside.txt",
+        "/files/levels/%2E%2E/%2E%2E/outside.txt",
+        "/files/link-out",
+    ],
+)
+def test_pyramid_missing_or_outside_is_404(pyramid_client: TestApp, path: str) -> None:
+    response = pyramid_client.get(path, status=404)
+    assert "this download does not exist" in response.text  # the resolver said None
+    assert "not for download" not in response.text
+
+
+# -- the Pyramid app under a real gunicorn ------------------------------------------------------
+
+
+def gunicorn_supports(setting: str) -> bool:
+    from gunicorn.config import KNOWN_SETTINGS
+
+    return any(known.name == setting for known in KNOWN_SETTINGS)
+
+
+def fetch(url: str, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.status, dict(response.headers), response.read()
+
+
+@pytest.mark.server
+def test_pyramid_example_under_gunicorn_paste(tmp_path: Path) -> None:
+    """As the .ini's comment says: ``cd examples/pyramid_app && gunicorn --paste development.ini``."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    command = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--paste",
+        "development.ini",
+        "-c",
+        "../gunicorn.conf.py",
+        "--bind",
+        f"fd://{listener.fileno()}",
+        "--workers",
+        "1",
+    ]
+    if gunicorn_supports("control_socket_disable"):
+        command.append("--no-control-socket")
+    log = (tmp_path / "gunicorn.log").open("wb")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GUNICORN")}
+    process = subprocess.Popen(
+        command,
+        cwd=PYRAMID_APP,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        pass_fds=[listener.fileno()],
+        start_new_session=True,
+    )
+    listener.close()
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                status, _, page = fetch(url + "/", timeout=2)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                assert process.poll() is None, "gunicorn exited:\n" + (tmp_path / "gunicorn.log").read_text()
+                assert time.monotonic() < deadline, "gunicorn did not answer in time"
+                time.sleep(0.1)
+        assert status == 200 and b"Shareware%20Sampler" in page
+
+        status, headers, body = fetch(url + "/files/Shareware%20Sampler")
+        assert status == 200
+        assert headers["Content-Type"] == "application/zip"
+        assert read_zip(body) == expected_entries(PYRAMID_APP / "data" / "Shareware Sampler")
+        assert set(read_zip(body)) == {"README.TXT", "docs/HISTORY.TXT", "docs/ORDER.FRM"}
+
+        status, headers, body = fetch(url + "/files/welcome.txt")
+        assert body == (PYRAMID_APP / "data" / "welcome.txt").read_bytes()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
