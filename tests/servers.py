@@ -1,0 +1,280 @@
+"""Run a real gunicorn (gthread worker) on 127.0.0.1 for tests.
+
+    with GunicornServer("tests.server_app:app", pythonpath=[PROJECT],
+                        env={"ZM_TEST_DATA": "/tmp/data"}) as server:
+        urllib.request.urlopen(server.url + "/file/a.bin")
+        open_fds(server.worker_pid)
+
+``GunicornServer(app_spec, *, pythonpath=(), chdir=None, env=None, args=(),
+threads=4, wrapper=(), ready_path="/", start_timeout=20, stop_timeout=10)``
+
+* The listening socket is bound here (127.0.0.1, a free port) and handed to
+  gunicorn as ``--bind fd://N``, so there is no race for the port.
+* ``env`` is added to this process's environment; ``args`` are extra gunicorn
+  options (for example ``["--user", "nobody", "--group", "nogroup"]``).
+* ``wrapper`` is a command put in front of gunicorn, e.g.
+  ``["strace", "-f", "-o", LOG, "-e", "trace=sendfile"]``.
+* Start-up waits until an HTTP request to ``ready_path`` gets any answer.
+* ``url`` is ``http://127.0.0.1:PORT``; ``master_pid`` comes from gunicorn's
+  pid file; ``worker_pid`` is the (single) worker, found in ``/proc``.
+* ``log()`` returns what gunicorn wrote to stdout/stderr (its error log).
+* Stopping sends SIGTERM to the master, waits ``stop_timeout`` seconds, then
+  SIGKILLs the process group it started. Leaving the ``with`` block always
+  stops it; if the block raised, the log's tail is printed (pytest shows it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+PROJECT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+GUNICORN = PROJECT / ".venv" / "bin" / "gunicorn"
+
+
+def gunicorn_executable() -> str:
+    """The project's venv gunicorn, else the one next to this Python, else on PATH."""
+    for candidate in (GUNICORN, Path(sys.executable).parent / "gunicorn"):
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("gunicorn")
+    if found is None:
+        raise RuntimeError("gunicorn is not installed")
+    return found
+
+
+def children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (parsed from /proc/*/stat)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as file:
+                stat = file.read()
+        except OSError:  # the process went away
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1 and int(fields[1]) == pid:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors process ``pid`` holds open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat = file.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
+
+
+class GunicornServer:
+    """A gunicorn subprocess serving ``app_spec`` with one gthread worker."""
+
+    def __init__(
+        self,
+        app_spec: str,
+        *,
+        pythonpath: Iterable[str | os.PathLike[str]] = (),
+        chdir: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+        threads: int = 4,
+        wrapper: Sequence[str] = (),
+        ready_path: str = "/",
+        start_timeout: float = 20.0,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        self.app_spec = app_spec
+        self.pythonpath = [os.fspath(p) for p in pythonpath]
+        self.chdir = os.fspath(chdir) if chdir is not None else None
+        self.env = dict(env or {})
+        self.args = list(args)
+        self.threads = threads
+        self.wrapper = list(wrapper)
+        self.ready_path = ready_path
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.master_pid = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self._workdir: str | None = None
+        self._seen_workers: set[int] = set()
+
+    # -- public API ----------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def worker_pid(self) -> int:
+        """The worker's PID (exactly one worker is expected)."""
+        workers = self.worker_pids()
+        if len(workers) != 1:
+            raise RuntimeError(f"expected one gunicorn worker, found {workers}")
+        return workers[0]
+
+    def worker_pids(self) -> list[int]:
+        """The master's live children (gunicorn's workers)."""
+        workers = [pid for pid in children(self.master_pid) if alive(pid)] if self.master_pid else []
+        self._seen_workers.update(workers)
+        return workers
+
+    def log(self) -> str:
+        """Everything gunicorn wrote so far (stdout and stderr)."""
+        if self._workdir is None:
+            return ""
+        try:
+            return Path(self._workdir, "gunicorn.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def start(self) -> GunicornServer:
+        """Start gunicorn and wait until it answers; on failure nothing is left running."""
+        if self.process is not None:
+            raise RuntimeError("already started")
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            self.cleanup()
+            raise
+        return self
+
+    def _start(self) -> None:
+        self._workdir = tempfile.mkdtemp(prefix="gunicorn-test-")
+        os.chmod(self._workdir, 0o755)  # a worker running as another user may need to look in
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.host, 0))
+            listener.listen(128)
+            self.port = listener.getsockname()[1]
+            fd = listener.fileno()
+            os.set_inheritable(fd, True)
+            pidfile = os.path.join(self._workdir, "gunicorn.pid")
+            options = {
+                "--worker-class": "gthread",
+                "--workers": "1",
+                "--threads": str(self.threads),
+                "--bind": f"fd://{fd}",
+                "--pid": pidfile,
+                "--graceful-timeout": "3",  # stop() must not wait 30 s for streams in flight
+                "--log-level": "info",
+            }
+            command = [*self.wrapper, gunicorn_executable(), "--no-control-socket"]
+            for option, value in options.items():
+                command += [option, value]
+            for path in self.pythonpath:
+                command += ["--pythonpath", path]
+            if self.chdir is not None:
+                command += ["--chdir", self.chdir]
+            command += [*self.args, self.app_spec]
+            with open(os.path.join(self._workdir, "gunicorn.log"), "wb") as log:
+                self.process = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                    pass_fds=(fd,),
+                    start_new_session=True,  # its own process group, so stop() can kill all of it
+                    cwd=self._workdir,
+                )
+        finally:
+            listener.close()  # gunicorn holds its own copy
+        self._wait_until_ready(pidfile)
+
+    def stop(self) -> None:
+        """SIGTERM the master, wait, SIGKILL the process group on timeout. Idempotent."""
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None:
+            target = self.master_pid if self.master_pid and alive(self.master_pid) else process.pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(target, signal.SIGTERM)
+            try:
+                process.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=self.stop_timeout)
+        # A worker whose master died would linger: kill it if it is still in our process group.
+        for pid in self._seen_workers:
+            with contextlib.suppress(OSError):
+                if alive(pid) and os.getpgid(pid) == process.pid:
+                    os.kill(pid, signal.SIGKILL)
+        self._seen_workers.clear()
+        self.process = None
+
+    def cleanup(self) -> None:
+        """Remove the private folder (pid file, log); ``__exit__`` calls it after ``stop()``."""
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> GunicornServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        if exc_type is not None:
+            sys.stderr.write(f"--- gunicorn log ({self.app_spec}) ---\n{self.log()[-20000:]}\n")
+        self.cleanup()
+
+    # -- internals -------------------------------------------------------------------
+
+    def _wait_until_ready(self, pidfile: str) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.start_timeout
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"gunicorn exited with {self.process.returncode} during start-up:\n{self.log()}"
+                )
+            if not self.master_pid:
+                with contextlib.suppress(OSError, ValueError):
+                    self.master_pid = int(Path(pidfile).read_text().strip())
+            if self.master_pid and self.worker_pids():
+                try:
+                    connection = http.client.HTTPConnection(self.host, self.port, timeout=1.0)
+                    try:
+                        connection.request("GET", self.ready_path)
+                        connection.getresponse().read()
+                        return
+                    finally:
+                        connection.close()
+                except (OSError, http.client.HTTPException) as exc:
+                    last_error = exc
+            time.sleep(0.05)
+        raise RuntimeError(
+            f"gunicorn did not answer within {self.start_timeout} s ({last_error!r}):\n{self.log()}"
+        )
