@@ -349,3 +349,24 @@ def test_pyramid_example_under_gunicorn_paste(tmp_path: Path) -> None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         log.close()
+
+
+# -- plain WSGI -------------------------------------------------------------------------
+
+
+def test_plain_wsgi_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "album" / "disc 2").mkdir(parents=True)
+    (tmp_path / "album" / "cover.jpg").write_bytes(b"\xff\xd8jpeg")
+    (tmp_path / "album" / "disc 2" / "track.flac").write_bytes(b"fLaC" * 100)
+    (tmp_path.parent / "outside.txt").write_bytes(b"secret")
+    monkeypatch.setenv("FILES_ROOT", str(tmp_path))
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    sys.modules.pop("plain_app", None)
+    plain_app = importlib.import_module("plain_app")
+    client = TestApp(plain_app.application, lint=True)
+    archive = zipfile.ZipFile(io.BytesIO(client.get("/files/album").body))
+    assert sorted(archive.namelist()) == ["cover.jpg", "disc 2/track.flac"]
+    assert client.get("/files/album/cover.jpg").body == b"\xff\xd8jpeg"
+    client.get("/files/..%2Foutside.txt", status=403)
+    client.get("/files/nothing", status=404)
+    assert client.get("/").text.startswith("Try /files/")
