@@ -11,7 +11,7 @@ from werkzeug.wrappers import Request, Response
 
 from .config import Settings, build_settings, read_toml
 from .errors import ConfigError, RefusedError
-from .planning import SERVER_ERROR, FilePlan, Planner, close_sources
+from .planning import NOT_FOUND, SERVER_ERROR, FilePlan, Planner, close_sources
 from .responses import (
     ALLOWED_METHODS,
     file_response,
@@ -26,8 +26,6 @@ from .types import StartResponse, WSGIApplication, WSGIEnvironment
 from .zipengine import needs_zip64
 
 logger = logging.getLogger("zipmiddleware")
-
-NOT_FOUND = "Not Found: this download does not exist."
 
 
 class ZipMiddleware:

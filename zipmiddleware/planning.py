@@ -102,18 +102,16 @@ class Planner:
     # -- entry point -------------------------------------------------------------
 
     def plan(self, target: FileTarget | ZipTarget | PathTarget) -> Plan:
-        if isinstance(target, FileTarget):
-            file = self.check_file(target.path)
-            name = target.download_name or os.path.basename(file_name(target.path))
-            return FilePlan(file, display_name(name), target.mimetype)
-        if isinstance(target, PathTarget) or target.directory is not None:
-            path = target.path if isinstance(target, PathTarget) else target.directory
-            assert path is not None
-            real = self.confine(path)
-            if os.path.isdir(real):
-                return self.plan_directory(real, target.download_name)
-            return self.plan(FileTarget(path, target.download_name))
-        return ZipPlan(self.plan_entries(target.entries), target.download_name or "download.zip")
+        if isinstance(target, ZipTarget) and target.directory is None:
+            return ZipPlan(self.plan_entries(target.entries), target.download_name or "download.zip")
+        path = target.directory if isinstance(target, ZipTarget) else target.path
+        assert path is not None
+        real = self.confine(path)
+        if not isinstance(target, FileTarget) and os.path.isdir(real):
+            return self.plan_directory(real, target.download_name)
+        name = target.download_name or os.path.basename(os.fspath(path).rstrip(os.sep))
+        mimetype = target.mimetype if isinstance(target, FileTarget) else None
+        return FilePlan(self.snapshot(real), display_name(name), mimetype)
 
     # -- confinement and checks ----------------------------------------------------
 
@@ -246,10 +244,6 @@ class Planner:
     def ignored(self, name: str) -> bool:
         folded = name.casefold()
         return any(fnmatch.fnmatchcase(folded, pattern) for pattern in self.ignore)
-
-
-def file_name(path: StrPath) -> str:
-    return os.fspath(path).rstrip(os.sep)
 
 
 def _timestamp(value: float | datetime) -> float:
