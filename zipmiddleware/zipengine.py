@@ -113,6 +113,29 @@ def needs_zip64(entries: Iterable[PlannedEntry]) -> bool:
     return count >= ZIP_FILECOUNT_LIMIT or offset > ZIP64_LIMIT
 
 
+class Output:
+    """The "file" zipstream-new writes to: hands each piece back and counts the position.
+
+    The same role as zipstream-new's ``PointerIO``, without its per-write property
+    lookup and type checks (measurable at 64 KiB chunks: see bench/).
+    """
+
+    __slots__ = ("position",)
+
+    def __init__(self) -> None:
+        self.position = 0
+
+    def write(self, data: bytes) -> bytes:
+        self.position += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        pass
+
+
 class ZipStream:
     """A WSGI body: iterate for the archive's bytes; ``close()`` releases everything.
 
@@ -134,7 +157,6 @@ class ZipStream:
         self.zip64 = zip64
         self._readers: list[Iterator[bytes]] = []
         self._output: Iterator[bytes] | None = None
-        self.bytes_sent = 0
 
     def __iter__(self) -> Iterator[bytes]:
         if self._output is None:
@@ -142,7 +164,7 @@ class ZipStream:
         return self._output
 
     def _archive(self) -> Iterator[bytes]:
-        archive = zipstream.ZipFile(mode="w", compression=zipfile.ZIP_STORED, allowZip64=self.zip64)
+        archive = zipstream.ZipFile(Output(), mode="w", compression=zipfile.ZIP_STORED, allowZip64=self.zip64)
         compress_type = DeflateLevel(self.compression_level) if self.compression_level else zipfile.ZIP_STORED
         for entry in self.entries:
             reader = self._reader(entry)
@@ -157,9 +179,11 @@ class ZipStream:
         output = iter(archive)
         try:
             yield from output
-        except StreamError:
+        except StreamError as exc:
+            logger.error("download aborted: %s", exc)
             raise
         except Exception as exc:  # zipstream-new's own RuntimeErrors, I/O errors, ...
+            logger.error("download aborted: archive generation failed: %r", exc)
             raise StreamError(f"archive generation failed: {exc}") from exc
         finally:
             close = getattr(output, "close", None)
@@ -174,16 +198,13 @@ class ZipStream:
             if buffer:
                 buffer += piece
                 if len(buffer) >= chunk_size:
-                    self.bytes_sent += len(buffer)
                     yield bytes(buffer)
                     buffer.clear()
             elif len(piece) >= chunk_size:  # file data: passed on without a copy
-                self.bytes_sent += len(piece)
                 yield piece
             else:
                 buffer += piece
         if buffer:
-            self.bytes_sent += len(buffer)
             yield bytes(buffer)
 
     def _reader(self, entry: PlannedEntry) -> Iterator[bytes]:
