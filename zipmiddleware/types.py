@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from types import TracebackType
 from typing import Any, TypeAlias
 
 WSGIEnvironment: TypeAlias = dict[str, Any]
-ExcInfo: TypeAlias = tuple[type[BaseException], BaseException, TracebackType]
 StartResponse: TypeAlias = Callable[..., Callable[[bytes], object]]
 WSGIApplication: TypeAlias = Callable[[WSGIEnvironment, StartResponse], Iterable[bytes]]
