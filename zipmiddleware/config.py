@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,8 @@ def _split_lines(value: str) -> list[str]:
 def _str_list(key: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = _split_lines(value)
+    elif isinstance(value, Iterable) and not isinstance(value, Mapping):
+        value = list(value)
     if not _is_str_list(value):
         raise ConfigError(key, f"expected a list of strings, got {value!r}")
     return tuple(value)
@@ -65,7 +67,7 @@ def _str_list(key: str, value: Any) -> tuple[str, ...]:
 def _roots(key: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, os.PathLike):
         value = [value]
-    if isinstance(value, (list, tuple)):
+    if not isinstance(value, str) and isinstance(value, Iterable):
         value = [os.fspath(item) if isinstance(item, os.PathLike) else item for item in value]
     roots = []
     for item in _str_list(key, value):

@@ -55,17 +55,18 @@ class ZipMiddleware:
     ) -> None:
         for key in unknown:
             raise ConfigError(key, "unknown setting")
-        options: dict[str, Any] = {
-            "routes": routes or {},
-            "roots": list(roots) if not isinstance(roots, str) else roots,
-            "exclude": list(exclude) if not isinstance(exclude, str) else exclude,
-            "ignore": list(ignore) if not isinstance(ignore, str) else ignore,
-            "chunk_size": chunk_size,
-            "compression_level": compression_level,
-            "zip64": zip64,
-        }
         self.app = app
-        self.settings = build_settings(options)
+        self.settings = build_settings(
+            {
+                "routes": routes or {},
+                "roots": roots,
+                "exclude": exclude,
+                "ignore": ignore,
+                "chunk_size": chunk_size,
+                "compression_level": compression_level,
+                "zip64": zip64,
+            }
+        )
         self.routes = RouteTable(self.settings.routes)
         self.planner = Planner(self.settings)
 

@@ -56,6 +56,16 @@ class FileSnapshot:
         return cls(path, st.st_size, st.st_mtime, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
 
 
+def reopen(file: FileSnapshot) -> int:
+    """Open a checked file again: ``OSError`` unless it is still the very file that was checked."""
+    fd = os.open(file.path, OPEN_FLAGS)
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != file.identity:
+        os.close(fd)
+        raise OSError(f"{file.path!r} changed since it was checked")
+    return fd
+
+
 @dataclass(frozen=True)
 class FilePlan:
     file: FileSnapshot

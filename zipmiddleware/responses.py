@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import mimetypes
 import os
-import stat
 
 from werkzeug.exceptions import RequestedRangeNotSatisfiable
 from werkzeug.wrappers import Response
@@ -13,7 +12,7 @@ from werkzeug.wsgi import FileWrapper, wrap_file
 from .config import Settings
 from .errors import RefusedError
 from .names import content_disposition
-from .planning import NOT_FOUND, OPEN_FLAGS, FilePlan, ZipPlan
+from .planning import NOT_FOUND, FilePlan, ZipPlan, reopen
 from .types import WSGIEnvironment
 from .zipengine import ZipStream
 
@@ -48,29 +47,27 @@ def file_response(plan: FilePlan, environ: WSGIEnvironment, chunk_size: int) -> 
     which can seek, because gunicorn's cannot and werkzeug would otherwise read
     and discard every byte before the range.
     """
+    checked = plan.file
     try:
-        fd = os.open(plan.file.path, OPEN_FLAGS)
-    except OSError:
-        raise RefusedError(404, NOT_FOUND, f"{plan.file.path!r} vanished before it was sent") from None
-    file = os.fdopen(fd, "rb")
+        file = os.fdopen(reopen(checked), "rb")
+    except OSError as exc:
+        raise RefusedError(404, NOT_FOUND, f"cannot send {checked.path!r}: {exc}") from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise RefusedError(404, NOT_FOUND, f"{plan.file.path!r} is no longer a regular file")
         mimetype = plan.mimetype or mimetypes.guess_type(plan.download_name)[0] or "application/octet-stream"
         response = Response(FileWrapper(file, chunk_size), mimetype=mimetype, direct_passthrough=True)
         response.headers["Content-Disposition"] = content_disposition(plan.download_name)
-        response.content_length = st.st_size
-        response.last_modified = st.st_mtime  # type: ignore[assignment]
-        response.set_etag(f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}")
+        _device, inode, size, mtime_ns = checked.identity
+        response.content_length = size
+        response.last_modified = checked.mtime  # type: ignore[assignment]
+        response.set_etag(f"{mtime_ns:x}-{size:x}-{inode:x}")
         response.cache_control.no_cache = True
-        response.make_conditional(environ, accept_ranges=True, complete_length=st.st_size)
+        response.make_conditional(environ, accept_ranges=True, complete_length=size)
         if response.status_code == 200:
             response.response = wrap_file(environ, file, chunk_size)
         return response
     except RequestedRangeNotSatisfiable:
         file.close()
-        return text_response(416, "Range Not Satisfiable.", **{"Content-Range": f"bytes */{plan.file.size}"})
+        return text_response(416, "Range Not Satisfiable.", **{"Content-Range": f"bytes */{checked.size}"})
     except BaseException:
         file.close()
         raise

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .errors import StreamError
-from .planning import OPEN_FLAGS, FileSnapshot, PlannedEntry
+from .planning import FileSnapshot, PlannedEntry, reopen
 
 logger = logging.getLogger("zipmiddleware")
 
@@ -233,14 +233,10 @@ def read_file(arcname: str, file: FileSnapshot, chunk_size: int) -> Iterator[byt
     read aborts the download rather than producing a damaged archive.
     """
     try:
-        fd = os.open(file.path, OPEN_FLAGS)
+        fd = reopen(file)
     except OSError as exc:
         raise StreamError(f"{arcname!r}: cannot be opened any more: {exc}") from exc
     try:
-        st = os.fstat(fd)
-        now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if now != file.identity:
-            raise StreamError(f"{arcname!r}: changed since it was checked")
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         remaining = file.size
