@@ -7,11 +7,13 @@ table below, so a typo or a bad value raises :class:`ConfigError` naming the key
 from __future__ import annotations
 
 import os
+import sqlite3
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .crccache import CrcCache, SQLiteCrcCache
 from .errors import ConfigError
 
 # zlib's own bounds: 0 means "store", 1-9 are deflate levels.
@@ -43,6 +45,9 @@ class Settings:
     compression_level: int = 0
     # Without ZIP64 an archive cannot pass 4 GiB or 65,535 entries.
     zip64: bool = True
+    # Where the CRC-32s of served files are kept (see crccache.py): an SQLite file
+    # shared by every worker, or any CrcCache. None: in memory, per process.
+    crc_cache: CrcCache | None = None
 
 
 def _is_str_list(value: Any) -> bool:
@@ -141,6 +146,20 @@ def _routes(key: str, value: Any) -> tuple[tuple[str, Any], ...]:
     return tuple(value.items())
 
 
+def _crc_cache(key: str, value: Any) -> CrcCache | None:
+    """An SQLite file path, or an object with ``get_many``/``put_many``; empty or None: in memory."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        try:
+            return SQLiteCrcCache(value)
+        except (ValueError, OSError, sqlite3.Error) as exc:
+            raise ConfigError(key, f"expected a usable SQLite file path: {exc}") from None
+    if isinstance(value, CrcCache):
+        return value
+    raise ConfigError(key, f"expected a file path or an object with get_many and put_many, got {value!r}")
+
+
 CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "routes": _routes,
     "roots": _roots,
@@ -149,6 +168,7 @@ CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "chunk_size": _int_in(MIN_CHUNK, MAX_CHUNK),
     "compression_level": _int_in(MIN_LEVEL, MAX_LEVEL),
     "zip64": _bool,
+    "crc_cache": _crc_cache,
 }
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from werkzeug.wrappers import Request, Response
 
 from .config import Settings, build_settings, read_toml
+from .crccache import CrcCache, SQLiteCrcCache
 from .errors import ConfigError, RefusedError
 from .planning import NOT_FOUND, SERVER_ERROR, FilePlan, Planner, close_sources
 from .responses import (
@@ -23,7 +24,6 @@ from .responses import (
 from .routing import Match, Resolver, RouteTable
 from .targets import Failed, Pending, interpret
 from .types import StartResponse, WSGIApplication, WSGIEnvironment
-from .zipengine import needs_zip64
 
 logger = logging.getLogger("zipmiddleware")
 
@@ -51,6 +51,7 @@ class ZipMiddleware:
         chunk_size: int | str = Settings.chunk_size,
         compression_level: int | str = Settings.compression_level,
         zip64: bool | str = Settings.zip64,
+        crc_cache: CrcCache | str | os.PathLike[str] | None = None,
         **unknown: Any,
     ) -> None:
         for key in unknown:
@@ -65,10 +66,13 @@ class ZipMiddleware:
                 "chunk_size": chunk_size,
                 "compression_level": compression_level,
                 "zip64": zip64,
+                "crc_cache": crc_cache,
             }
         )
         self.routes = RouteTable(self.settings.routes)
         self.planner = Planner(self.settings)
+        # Without a configured store, each process keeps its CRC-32s in memory.
+        self.crc_cache = self.settings.crc_cache or SQLiteCrcCache()
 
     @classmethod
     def from_config(
@@ -101,9 +105,7 @@ class ZipMiddleware:
             plan = self.planner.plan(target)
             if isinstance(plan, FilePlan):
                 return file_response(plan, environ, self.settings.chunk_size)
-            if not self.settings.zip64 and needs_zip64(plan.entries):
-                raise RefusedError(500, SERVER_ERROR, "archive needs ZIP64 but zip64 = false")
-            return zip_response(plan, self.settings)
+            return zip_response(plan, environ, self.settings, self.crc_cache)
         except RefusedError as exc:
             close_sources(target)
             level = logging.ERROR if exc.status >= 500 else logging.INFO

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import mimetypes
 import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import BinaryIO
 
-from werkzeug.exceptions import RequestedRangeNotSatisfiable
 from werkzeug.wrappers import Response
-from werkzeug.wsgi import FileWrapper, wrap_file
+from werkzeug.wsgi import wrap_file
 
+from .conditional import Outcome, Validators, evaluate
 from .config import Settings
+from .crccache import CrcCache
 from .errors import RefusedError
 from .names import content_disposition
-from .planning import NOT_FOUND, FilePlan, ZipPlan, reopen
+from .planning import NOT_FOUND, SERVER_ERROR, FilePlan, ZipPlan, close_sources, reopen
 from .types import WSGIEnvironment
-from .zipengine import ZipStream
+from .zipengine import Layout, ZipRange, ZipStream, archive_validators, needs_zip64
 
 ALLOWED_METHODS = ("GET", "HEAD")
 
@@ -39,52 +43,132 @@ def pending_response(retry_after: int, message: str | None) -> Response:
 
 
 def file_response(plan: FilePlan, environ: WSGIEnvironment, chunk_size: int) -> Response:
-    """The file itself, as werkzeug's ``send_file`` would send it.
+    """The file itself, with conditional GET and single ranges.
 
-    A full 200 body is the server's ``wsgi.file_wrapper`` object itself, so
-    gunicorn can use sendfile. Conditional GET and single ranges come from
-    werkzeug's ``make_conditional``; a 206 keeps werkzeug's own ``FileWrapper``,
-    which can seek, because gunicorn's cannot and werkzeug would otherwise read
-    and discard every byte before the range.
+    A full 200 body is the server's ``wsgi.file_wrapper`` object, so gunicorn
+    can use sendfile. A 206 body seeks to the range and reads only it.
     """
     checked = plan.file
     try:
-        file = os.fdopen(reopen(checked), "rb")
+        fd = reopen(checked)
     except OSError as exc:
         raise RefusedError(404, NOT_FOUND, f"cannot send {checked.path!r}: {exc}") from None
-    try:
-        mimetype = plan.mimetype or mimetypes.guess_type(plan.download_name)[0] or "application/octet-stream"
-        response = Response(FileWrapper(file, chunk_size), mimetype=mimetype, direct_passthrough=True)
-        response.headers["Content-Disposition"] = content_disposition(plan.download_name)
-        _device, inode, size, mtime_ns = checked.identity
-        response.content_length = size
-        response.last_modified = checked.mtime  # type: ignore[assignment]
-        response.set_etag(f"{mtime_ns:x}-{size:x}-{inode:x}")
-        response.cache_control.no_cache = True
-        response.make_conditional(environ, accept_ranges=True, complete_length=size)
-        if response.status_code == 200:
-            response.response = wrap_file(environ, file, chunk_size)
-        return response
-    except RequestedRangeNotSatisfiable:
-        file.close()
-        return text_response(416, "Range Not Satisfiable.", **{"Content-Range": f"bytes */{checked.size}"})
-    except BaseException:
-        file.close()
-        raise
+    _device, inode, size, mtime_ns = checked.identity
+    validators = Validators(f"{mtime_ns:x}-{size:x}-{inode:x}", _http_time(checked.mtime), size)
+    outcome = evaluate(environ, validators)
+    if outcome.status not in (200, 206):
+        os.close(fd)
+        return _bodiless(outcome, validators)
+    file = os.fdopen(fd, "rb")
+    mimetype = plan.mimetype or mimetypes.guess_type(plan.download_name)[0] or "application/octet-stream"
+    if outcome.status == 206:
+        body: object = FileRange(file, outcome.start, outcome.stop, chunk_size)
+    else:
+        body = wrap_file(environ, file, chunk_size)
+    response = Response(body, mimetype=mimetype, direct_passthrough=True)  # type: ignore[arg-type]
+    response.headers["Content-Disposition"] = content_disposition(plan.download_name)
+    response.headers["Accept-Ranges"] = "bytes"
+    response.content_length = size
+    _describe(response, outcome, validators)
+    return response
 
 
-def zip_response(plan: ZipPlan, settings: Settings) -> Response:
-    """A streamed archive. Nothing is read until the server iterates the body."""
-    stream = ZipStream(
-        plan.entries,
-        chunk_size=settings.chunk_size,
-        compression_level=settings.compression_level,
-        zip64=settings.zip64,
-    )
-    response = Response(stream, mimetype="application/zip", direct_passthrough=True)
+class FileRange:
+    """Bytes ``[start, stop)`` of an open file: a WSGI body that closes the file."""
+
+    def __init__(self, file: BinaryIO, start: int, stop: int, chunk_size: int) -> None:
+        self.file, self.start, self.stop, self.chunk_size = file, start, stop, chunk_size
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.file.seek(self.start)
+        remaining = self.stop - self.start
+        while remaining > 0:
+            data = self.file.read(min(self.chunk_size, remaining))
+            if not data:  # the file shrank: abort rather than send less than promised
+                raise OSError(f"{self.file.name!r}: shorter than when the range was planned")
+            remaining -= len(data)
+            yield data
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def zip_response(
+    plan: ZipPlan, environ: WSGIEnvironment, settings: Settings, crc_cache: CrcCache | None
+) -> Response:
+    """A streamed archive. Nothing is read until the server iterates the body.
+
+    A stored archive whose sizes are all known is laid out in advance: it gets
+    an exact Content-Length, and when every entry is a file also validators and
+    ranges. Anything else (deflate, sources without ``size=``) streams without a
+    length and with ``Accept-Ranges: none``.
+    """
+    entries = plan.entries
+    sized = settings.compression_level == 0 and all(entry.size is not None for entry in entries)
+    layout = Layout(entries, settings.zip64) if sized else None
+    if not settings.zip64 and (layout.needs_zip64 if layout else needs_zip64(entries)):
+        close_sources(plan)
+        raise RefusedError(500, SERVER_ERROR, "archive needs ZIP64 but zip64 = false")
+    found = archive_validators(entries, settings.compression_level, settings.zip64)
+    etag, last_modified = found or (None, None)
+    rangeable = layout is not None and found is not None
+    validators = Validators(etag, last_modified, layout.length if rangeable and layout else None)
+    outcome = evaluate(environ, validators)
+    if outcome.status not in (200, 206):
+        close_sources(plan)
+        return _bodiless(outcome, validators)
+
+    body: ZipRange | ZipStream
+    if outcome.status == 206:
+        assert layout is not None
+        body = ZipRange(
+            layout, outcome.start, outcome.stop, chunk_size=settings.chunk_size, crc_cache=crc_cache
+        )
+    else:
+        body = ZipStream(
+            entries,
+            chunk_size=settings.chunk_size,
+            compression_level=settings.compression_level,
+            zip64=settings.zip64,
+            length=layout.length if layout else None,
+            crc_cache=crc_cache,
+        )
+    response = Response(body, mimetype="application/zip", direct_passthrough=True)
     response.headers["Content-Disposition"] = content_disposition(plan.download_name)
     # Proxies such as nginx buffer responses by default; a download must stream.
     response.headers["X-Accel-Buffering"] = "no"
-    response.headers["Accept-Ranges"] = "none"
+    response.headers["Accept-Ranges"] = "bytes" if rangeable else "none"
+    if layout is not None and outcome.status == 200:
+        response.content_length = layout.length
+    _describe(response, outcome, validators)
+    return response
+
+
+def _http_time(mtime: float) -> datetime:
+    return datetime.fromtimestamp(int(mtime), UTC)
+
+
+def _describe(response: Response, outcome: Outcome, validators: Validators) -> None:
+    """Validators, caching and (for 206) the range, on a response with a body."""
+    if validators.etag is not None:
+        response.set_etag(validators.etag)
+    if validators.last_modified is not None:
+        response.last_modified = validators.last_modified
+    # Always revalidate: the files behind a download URL can change at any time.
     response.cache_control.no_cache = True
+    if outcome.status == 206:
+        response.status_code = 206
+        response.headers["Content-Range"] = f"bytes {outcome.start}-{outcome.stop - 1}/{validators.length}"
+        response.content_length = outcome.stop - outcome.start
+
+
+def _bodiless(outcome: Outcome, validators: Validators) -> Response:
+    if outcome.status == 416:
+        unsatisfiable = {"Content-Range": f"bytes */{validators.length}"}
+        return text_response(416, "Range Not Satisfiable.", **unsatisfiable)
+    if outcome.status == 412:
+        return text_response(412, "Precondition Failed: the download has changed.")
+    response = Response(status=outcome.status)  # 304
+    del response.headers["Content-Type"]
+    _describe(response, outcome, validators)
     return response

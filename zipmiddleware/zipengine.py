@@ -15,17 +15,27 @@ the list of defects in the project's field notes):
 7. Every file handle and user iterable is closed by :meth:`ZipStream.close`,
    without relying on garbage collection.
 8. zipstream-ng installs the same import name: refused at import.
+
+A stored archive of known sizes is also laid out in advance (:class:`Layout`):
+its exact length, and where each header, data and descriptor lies. A range of it
+(:class:`ZipRange`) is built from zipstream-new's own header code and the CRC-32
+cache, reading file data only where the range needs it.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import importlib.metadata
 import logging
 import os
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
+from .crccache import CrcCache, Key
 from .errors import StreamError
 from .planning import FileSnapshot, PlannedEntry, reopen
 
@@ -117,13 +127,14 @@ class Output:
     """The "file" zipstream-new writes to: hands each piece back and counts the position.
 
     The same role as zipstream-new's ``PointerIO``, without its per-write property
-    lookup and type checks (measurable at 64 KiB chunks: see bench/).
+    lookup and type checks (measurable at 64 KiB chunks: see bench/). It may start
+    at any position: that is how a central directory is written on its own.
     """
 
     __slots__ = ("position",)
 
-    def __init__(self) -> None:
-        self.position = 0
+    def __init__(self, position: int = 0) -> None:
+        self.position = position
 
     def write(self, data: bytes) -> bytes:
         self.position += len(data)
@@ -136,11 +147,59 @@ class Output:
         pass
 
 
+def _writer_version() -> str:
+    try:
+        return importlib.metadata.version("zipstream-new")
+    except importlib.metadata.PackageNotFoundError:
+        return str(getattr(zipstream, "__version__", "?"))
+
+
+# Everything besides the entries that decides an archive's bytes. Bump the first
+# part whenever our use of the writer changes the bytes for the same inputs.
+FORMAT = f"zipmiddleware-zip/1 zipstream-new/{_writer_version()}"
+
+
+def merged(pieces: Iterable[bytes], chunk_size: int, length: int | None = None) -> Iterator[bytes]:
+    """Merge small pieces into chunks of at least ``chunk_size``; none is empty.
+
+    With ``length``, the total must be exactly that, as promised in Content-Length:
+    more or fewer bytes raise :class:`StreamError` (the connection is aborted)
+    before anything past the promise is sent.
+    """
+    buffer = bytearray()
+    sent = 0
+    for piece in pieces:
+        if buffer:
+            buffer += piece
+            if len(buffer) < chunk_size:
+                continue
+            chunk = bytes(buffer)
+            buffer.clear()
+        elif len(piece) >= chunk_size:  # file data: passed on without a copy
+            chunk = piece
+        else:
+            buffer += piece
+            continue
+        sent += len(chunk)
+        if length is not None and sent > length:
+            raise StreamError(f"archive longer than its promised {length} bytes")
+        yield chunk
+    if buffer:
+        sent += len(buffer)
+        if length is not None and sent > length:
+            raise StreamError(f"archive longer than its promised {length} bytes")
+        yield bytes(buffer)
+    if length is not None and sent != length:
+        raise StreamError(f"archive of {sent} bytes, not its promised {length}")
+
+
 class ZipStream:
     """A WSGI body: iterate for the archive's bytes; ``close()`` releases everything.
 
     Nothing is opened until iteration starts, so a HEAD request or a response
-    that is never iterated reads no file data.
+    that is never iterated reads no file data. With ``length`` the body must be
+    exactly that long. The CRC-32 of every file entry that was completed goes to
+    ``crc_cache``, also when the client goes away part-way.
     """
 
     def __init__(
@@ -150,21 +209,27 @@ class ZipStream:
         chunk_size: int = 65536,
         compression_level: int = 0,
         zip64: bool = True,
+        length: int | None = None,
+        crc_cache: CrcCache | None = None,
     ) -> None:
         self.entries = entries
         self.chunk_size = chunk_size
         self.compression_level = compression_level
         self.zip64 = zip64
+        self.length = length
+        self.crc_cache = crc_cache
         self._readers: list[Iterator[bytes]] = []
         self._output: Iterator[bytes] | None = None
+        self._archive_file: Any = None
 
     def __iter__(self) -> Iterator[bytes]:
         if self._output is None:
-            self._output = self._merged(self._archive())
+            self._output = merged(self._archive(), self.chunk_size, self.length)
         return self._output
 
     def _archive(self) -> Iterator[bytes]:
         archive = zipstream.ZipFile(Output(), mode="w", compression=zipfile.ZIP_STORED, allowZip64=self.zip64)
+        self._archive_file = archive
         compress_type = DeflateLevel(self.compression_level) if self.compression_level else zipfile.ZIP_STORED
         for entry in self.entries:
             reader = self._reader(entry)
@@ -189,23 +254,15 @@ class ZipStream:
             close = getattr(output, "close", None)
             if close is not None:
                 close()
+            self._remember_crcs()
 
-    def _merged(self, pieces: Iterator[bytes]) -> Iterator[bytes]:
-        """Merge zipstream's small pieces into chunks of at least ``chunk_size``."""
-        chunk_size = self.chunk_size
-        buffer = bytearray()
-        for piece in pieces:
-            if buffer:
-                buffer += piece
-                if len(buffer) >= chunk_size:
-                    yield bytes(buffer)
-                    buffer.clear()
-            elif len(piece) >= chunk_size:  # file data: passed on without a copy
-                yield piece
-            else:
-                buffer += piece
-        if buffer:
-            yield bytes(buffer)
+    def _remember_crcs(self) -> None:
+        """Give the cache the CRC-32 of every file entry zipstream-new finished."""
+        archive, self._archive_file = self._archive_file, None
+        if archive is None or self.crc_cache is None:
+            return
+        finished = zip(archive.filelist, self.entries, strict=False)  # filelist grows in entry order
+        self.crc_cache.put_many({entry.file.identity: info.CRC for info, entry in finished if entry.file})
 
     def _reader(self, entry: PlannedEntry) -> Iterator[bytes]:
         if entry.file is not None:
@@ -215,39 +272,296 @@ class ZipStream:
 
     def close(self) -> None:
         """Close the output, every reader (and so every file) and every user iterable."""
-        closables = [self._output, *self._readers, *(entry.source for entry in self.entries)]
-        for closable in closables:
-            close = getattr(closable, "close", None)
-            if callable(close):
-                try:
-                    close()
-                except Exception:  # keep closing the rest
-                    logger.exception("error while closing a download")
+        _close_all([self._output, *self._readers, *(entry.source for entry in self.entries)])
+        self._remember_crcs()  # when iteration never started or was cut short
 
 
-def read_file(arcname: str, file: FileSnapshot, chunk_size: int) -> Iterator[bytes]:
-    """Exactly ``file.size`` bytes of the checked file, or :class:`StreamError`.
+def _close_all(closables: Iterable[object]) -> None:
+    for closable in closables:
+        close = getattr(closable, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:  # keep closing the rest
+                logger.exception("error while closing a download")
+
+
+# -- layout and ranges of stored archives ----------------------------------------------
+
+
+def _zipinfo(entry: PlannedEntry, header_offset: int = 0) -> Any:
+    """The ``ZipInfo`` zipstream-new's ``write_iter`` makes for this stored entry."""
+    assert entry.size is not None
+    arcname = os.path.normpath(os.path.splitdrive(entry.arcname)[1]).lstrip("/" + os.sep)
+    info = zipstream.ZipInfo(arcname, entry.date_time)
+    info.external_attr = 0o600 << 16
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = size_hint(entry.size)
+    info.flag_bits = 0x08
+    info.header_offset = header_offset
+    return info
+
+
+class Layout:
+    """Where every byte of a stored archive lies, from names and sizes alone.
+
+    The records are zipstream-new's, with the size hint of :func:`size_hint`
+    (n = the name's length as the running Python encodes it):
+
+    - local header ``30 + n``, plus a 20-byte ZIP64 extra when the size needs it;
+    - the data; a descriptor of 16 bytes, or 24 when the size needs ZIP64;
+    - a central record ``46 + n``, plus ``4 + 8`` per ZIP64 field (sizes, offset);
+    - the end record, 22 bytes, after a ZIP64 end record and locator (56 + 20)
+      when there are 65,535 entries or more, or the directory starts or grows
+      past 2 GiB - 1.
+
+    The tests compare this with what zipstream-new writes, byte for byte.
+    """
+
+    def __init__(self, entries: tuple[PlannedEntry, ...], zip64: bool = True) -> None:
+        self.entries = entries
+        self.zip64 = zip64
+        self.offsets: list[int] = []  # of each local header
+        self.data_offsets: list[int] = []
+        self.records: list[int] = []  # of each central record, from the directory's start
+        position = directory = 0
+        for entry in entries:
+            if entry.size is None:
+                raise ValueError(f"{entry.arcname!r}: a layout needs every size")
+            big = entry.size > ZIP64_LIMIT
+            name = len(_zipinfo(entry)._encodeFilenameFlags()[0])
+            self.offsets.append(position)
+            self.records.append(directory)
+            self.data_offsets.append(position + 30 + name + (20 if big and zip64 else 0))
+            fields = 2 * big + (position > ZIP64_LIMIT)
+            position = self.data_offsets[-1] + entry.size + (24 if big else 16)
+            directory += 46 + name + (4 + 8 * fields if fields else 0)
+        self.directory_offset = position
+        self.directory_size = directory
+        self.zip64_end = (
+            len(entries) >= ZIP_FILECOUNT_LIMIT or position > ZIP64_LIMIT or directory > ZIP64_LIMIT
+        )
+        self.length = position + directory + (56 + 20 if self.zip64_end else 0) + 22
+        self.needs_zip64 = self.zip64_end or any(entry.size > ZIP64_LIMIT for entry in entries)  # type: ignore[operator]
+
+    def entry_end(self, index: int) -> int:
+        """Where entry ``index``'s data descriptor ends."""
+        return self.offsets[index + 1] if index + 1 < len(self.offsets) else self.directory_offset
+
+    def record_span(self, index: int) -> tuple[int, int]:
+        """Where entry ``index``'s central record lies in the archive."""
+        start = self.directory_offset + self.records[index]
+        following = self.records[index + 1] if index + 1 < len(self.records) else self.directory_size
+        return start, self.directory_offset + following
+
+
+def archive_validators(
+    entries: tuple[PlannedEntry, ...], compression_level: int, zip64: bool
+) -> tuple[str, datetime] | None:
+    """A strong ETag and Last-Modified for an archive of files; None if any entry is a source.
+
+    The ETag covers everything that decides the bytes: each entry's name, date,
+    and file (device, inode, size, mtime in ns), the settings that shape the
+    archive, zlib's version when deflating, and the writer's format.
+    """
+    if not entries or any(entry.file is None for entry in entries):
+        return None
+    digest = hashlib.sha256(repr((FORMAT, compression_level, zip64)).encode())
+    if compression_level:
+        digest.update(zlib.ZLIB_RUNTIME_VERSION.encode())
+    newest = 0.0
+    for entry in entries:
+        assert entry.file is not None
+        digest.update(repr((entry.arcname, entry.date_time, entry.file.identity)).encode() + b"\0")
+        newest = max(newest, entry.file.mtime)
+    return "zip-" + digest.hexdigest()[:40], datetime.fromtimestamp(int(newest), UTC)
+
+
+class ZipRange:
+    """Bytes ``[start, stop)`` of the archive a :class:`Layout` describes: a WSGI body.
+
+    File data is read only for the entries the range covers, and only the part
+    it covers. A descriptor or central record in the range needs its entry's
+    CRC-32: from the cache, or computed along the way when the range reads that
+    whole file, or else by reading the file (and then kept in the cache).
+    """
+
+    def __init__(
+        self, layout: Layout, start: int, stop: int, *, chunk_size: int, crc_cache: CrcCache | None
+    ) -> None:
+        if not 0 <= start < stop <= layout.length:
+            raise ValueError(f"range {start}-{stop} outside an archive of {layout.length} bytes")
+        self.layout = layout
+        self.start = start
+        self.stop = stop
+        self.chunk_size = chunk_size
+        self.crc_cache = crc_cache
+        self._crcs: dict[int, int] = {}  # entry index -> CRC-32
+        self._pieces: Iterator[bytes] | None = None
+        self._output: Iterator[bytes] | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._output is None:
+            self._pieces = self._generate()
+            self._output = merged(self._pieces, self.chunk_size, self.stop - self.start)
+        return self._output
+
+    def close(self) -> None:
+        _close_all([self._output, self._pieces])
+
+    def _window(self, position: int, data: bytes) -> bytes:
+        """The part of ``data``, which lies at ``position``, inside the range."""
+        return data[max(self.start - position, 0) : max(self.stop - position, 0)]
+
+    def _generate(self) -> Iterator[bytes]:
+        try:
+            yield from self._entries()
+            if self.stop > self.layout.directory_offset:
+                yield from self._directory()
+        except StreamError as exc:
+            logger.error("range aborted: %s", exc)
+            raise
+
+    def _needed(self) -> list[int]:
+        """The entries whose descriptor or central record lies in the range."""
+        layout, start, stop = self.layout, self.start, self.stop
+        needed = []
+        for index, entry in enumerate(layout.entries):
+            descriptor = layout.data_offsets[index] + (entry.size or 0)
+            following = layout.entry_end(index)
+            record_start, record_stop = layout.record_span(index)
+            if (descriptor < stop and following > start) or (record_start < stop and record_stop > start):
+                needed.append(index)
+        return needed
+
+    def _entries(self) -> Iterator[bytes]:
+        layout, start, stop = self.layout, self.start, self.stop
+        self._crcs.update(self._cached(self._needed()))
+        if start >= layout.directory_offset:
+            return
+        first = max(bisect.bisect_right(layout.offsets, start) - 1, 0)
+        for index in range(first, len(layout.entries)):
+            offset = layout.offsets[index]
+            if offset >= stop:
+                break
+            entry = layout.entries[index]
+            size = entry.size or 0
+            data, descriptor = layout.data_offsets[index], layout.data_offsets[index] + size
+            info = _zipinfo(entry, offset)
+            header = info.FileHeader(self.layout.zip64 and info.file_size * 1.05 > ZIP64_LIMIT)
+            if start < data:
+                yield self._window(offset, header)
+            if size and start < descriptor and stop > data:
+                low, high = max(start - data, 0), min(stop - data, size)
+                if low == 0 and high == size and index not in self._crcs:
+                    yield from self._read_learning(index)
+                else:
+                    assert entry.file is not None
+                    yield from read_file(entry.arcname, entry.file, self.chunk_size, low, high)
+            if start < layout.entry_end(index) and stop > descriptor:
+                info.CRC = self._crc(index)
+                info.compress_size = info.file_size = size
+                yield self._window(descriptor, info.DataDescriptor())
+
+    def _directory(self) -> Iterator[bytes]:
+        layout = self.layout
+        for index in self._needed():
+            self._crc(index)  # compute what the cache lacked, before the first record
+        archive = zipstream.ZipFile(
+            Output(layout.directory_offset), mode="w", compression=zipfile.ZIP_STORED, allowZip64=layout.zip64
+        )
+        archive.filelist = (self._finished_info(index) for index in range(len(layout.entries)))
+        position = layout.directory_offset
+        records = iter(archive)
+        try:
+            for piece in records:
+                yield self._window(position, piece)
+                position += len(piece)
+                if position >= self.stop:
+                    break
+        finally:
+            records.close()
+            archive.fp = None
+
+    def _finished_info(self, index: int) -> Any:
+        """The ``ZipInfo`` of a written entry, as zipstream-new keeps it for the directory."""
+        entry = self.layout.entries[index]
+        info = _zipinfo(entry, self.layout.offsets[index])
+        info.FileHeader(self.layout.zip64 and info.file_size * 1.05 > ZIP64_LIMIT)  # sets the versions
+        info.CRC = self._crcs.get(index, 0)  # records outside the range are not sent
+        info.compress_size = info.file_size = entry.size
+        return info
+
+    # -- CRC-32s -----------------------------------------------------------------------
+
+    def _cached(self, indices: list[int]) -> dict[int, int]:
+        keys: dict[int, Key] = {}
+        known: dict[int, int] = {}
+        for index in indices:
+            entry = self.layout.entries[index]
+            if not entry.size:
+                known[index] = 0
+            elif entry.file is not None:
+                keys[index] = entry.file.identity
+        if keys and self.crc_cache is not None:
+            found = self.crc_cache.get_many(set(keys.values()))
+            known.update({index: found[key] for index, key in keys.items() if key in found})
+        return known
+
+    def _crc(self, index: int) -> int:
+        if index not in self._crcs:
+            for _data in self._read_learning(index):
+                pass
+        return self._crcs[index]
+
+    def _read_learning(self, index: int) -> Iterator[bytes]:
+        """Read a whole file, pass its data on, and keep its CRC-32."""
+        entry = self.layout.entries[index]
+        assert entry.file is not None
+        crc = 0
+        for data in read_file(entry.arcname, entry.file, self.chunk_size):
+            crc = zlib.crc32(data, crc)
+            yield data
+        self._crcs[index] = crc
+        if self.crc_cache is not None:
+            self.crc_cache.put_many({entry.file.identity: crc})
+
+
+# -- readers -----------------------------------------------------------------------------
+
+
+def read_file(
+    arcname: str, file: FileSnapshot, chunk_size: int, start: int = 0, stop: int | None = None
+) -> Iterator[bytes]:
+    """Exactly bytes ``[start, stop)`` of the checked file, or :class:`StreamError`.
 
     The file is reopened and must be the one that was checked (same device,
     inode, size and mtime); a file that is shorter or longer than that when
-    read aborts the download rather than producing a damaged archive.
+    read, or modified while being read, aborts the download rather than
+    producing a damaged archive.
     """
+    stop = file.size if stop is None else stop
     try:
         fd = reopen(file)
     except OSError as exc:
         raise StreamError(f"{arcname!r}: cannot be opened any more: {exc}") from exc
     try:
+        if start:
+            os.lseek(fd, start, os.SEEK_SET)
         if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        remaining = file.size
+            os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_SEQUENTIAL)
+        remaining = stop - start
         while remaining:
             data = os.read(fd, min(chunk_size, remaining))
             if not data:
                 raise StreamError(f"{arcname!r}: shorter than its {file.size} bytes")
             remaining -= len(data)
             yield data
-        if os.read(fd, 1):
+        if stop == file.size and os.read(fd, 1):
             raise StreamError(f"{arcname!r}: longer than its {file.size} bytes")
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns) != file.identity[2:]:
+            raise StreamError(f"{arcname!r}: modified while being read")
     finally:
         os.close(fd)
 
