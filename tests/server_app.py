@@ -13,6 +13,8 @@ Environment:
     ``<METHOD>-<id>.closed`` each time ``close()`` is called.
 ``ZM_TEST_CHUNK_SIZE``
     Optional ``chunk_size`` for the middleware (default 65536).
+``ZM_TEST_CRC_CACHE``
+    Optional ``crc_cache`` path (an SQLite file); default: in memory.
 
 Routes (every ``<path:...>`` is relative to ``ZM_TEST_DATA``):
 
@@ -156,6 +158,7 @@ app = ZipMiddleware(
     exclude=["updates"],
     ignore=["*.nfo"],
     chunk_size=int(os.environ.get("ZM_TEST_CHUNK_SIZE", "65536")),
+    crc_cache=os.environ.get("ZM_TEST_CRC_CACHE") or None,
 )
 
 

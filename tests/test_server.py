@@ -187,8 +187,10 @@ def test_folder_zip_is_read_by_every_reader(server: GunicornServer, tmp_path: Pa
     assert disposition.startswith("attachment;")
     assert "filename*=UTF-8''Spiel%20%C3%9C.zip" in disposition
     assert headers["x-accel-buffering"] == ["no"]
-    assert "content-length" not in headers
-    assert headers["transfer-encoding"] == ["chunked"]
+    # A stored archive of files is sized in advance, so it is not chunked.
+    assert headers["content-length"] == [str(archive.stat().st_size)]
+    assert "transfer-encoding" not in headers
+    assert headers["accept-ranges"] == ["bytes"]
 
     # Python's zipfile: every CRC, every name, every byte; no directory entries.
     with zipfile.ZipFile(archive) as opened:
@@ -236,11 +238,17 @@ def test_folder_zip_is_read_by_every_reader(server: GunicornServer, tmp_path: Pa
 def test_head_on_zip_route_sends_no_body(server: GunicornServer) -> None:
     connection = http.client.HTTPConnection(server.host, server.port, timeout=15)
     try:
+        connection.request("GET", f"/folder/{quote(GAME)}")
+        full = connection.getresponse()
+        body = full.read()
         connection.request("HEAD", f"/folder/{quote(GAME)}")
         response = connection.getresponse()
         assert response.status == 200
         assert response.getheader("Content-Type") == "application/zip"
-        assert response.getheader("Content-Length") is None
+        # HEAD promises what GET sends.
+        assert response.getheader("Content-Length") == str(len(body)) == full.getheader("Content-Length")
+        assert response.getheader("ETag") == full.getheader("ETag") is not None
+        assert response.getheader("Last-Modified") == full.getheader("Last-Modified") is not None
         assert response.getheader("Content-Disposition", "").startswith("attachment;")
         assert response.read() == b""
         # The connection is still in step: had any body byte been sent, this would break.
