@@ -453,8 +453,8 @@ class ZipRange:
                 yield self._window(offset, header)
             if size and start < descriptor and stop > data:
                 low, high = max(start - data, 0), min(stop - data, size)
-                if low == 0 and high == size and index not in self._crcs:
-                    yield from self._read_learning(index)
+                if high == size and index not in self._crcs:
+                    yield from self._read_learning(index, low)
                 else:
                     assert entry.file is not None
                     yield from read_file(entry.arcname, entry.file, self.chunk_size, low, high)
@@ -514,17 +514,58 @@ class ZipRange:
                 pass
         return self._crcs[index]
 
-    def _read_learning(self, index: int) -> Iterator[bytes]:
-        """Read a whole file, pass its data on, and keep its CRC-32."""
+    def _read_learning(self, index: int, start: int = 0) -> Iterator[bytes]:
+        """Pass on a file's data from ``start`` to its end, then learn its CRC-32.
+
+        The part before ``start`` is read after the rest went out, so a resumed
+        download starts at once even when the cache is cold.
+        """
         entry = self.layout.entries[index]
-        assert entry.file is not None
+        assert entry.file is not None and entry.size is not None
         crc = 0
-        for data in read_file(entry.arcname, entry.file, self.chunk_size):
+        for data in read_file(entry.arcname, entry.file, self.chunk_size, start):
             crc = zlib.crc32(data, crc)
             yield data
+        if start:
+            head = 0
+            for data in read_file(entry.arcname, entry.file, self.chunk_size, 0, start):
+                head = zlib.crc32(data, head)
+            crc = crc32_combine(head, crc, entry.size - start)
         self._crcs[index] = crc
         if self.crc_cache is not None:
             self.crc_cache.put_many({entry.file.identity: crc})
+
+
+def _gf2_times(matrix: list[int], vector: int) -> int:
+    total = 0
+    row = 0
+    while vector:
+        if vector & 1:
+            total ^= matrix[row]
+        vector >>= 1
+        row += 1
+    return total
+
+
+def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    """The CRC-32 of A + B from those of A and B and B's length (zlib's crc32_combine)."""
+    if length2 <= 0:
+        return crc1
+    odd = [0xEDB88320] + [1 << n for n in range(31)]  # the operator for one zero bit
+    even = [_gf2_times(odd, row) for row in odd]  # two zero bits
+    odd = [_gf2_times(even, row) for row in even]  # four zero bits
+    while length2:  # apply len2 zero bytes to crc1, one bit of length at a time
+        even = [_gf2_times(odd, row) for row in odd]
+        if length2 & 1:
+            crc1 = _gf2_times(even, crc1)
+        length2 >>= 1
+        if not length2:
+            break
+        odd = [_gf2_times(even, row) for row in even]
+        if length2 & 1:
+            crc1 = _gf2_times(odd, crc1)
+        length2 >>= 1
+    return crc1 ^ crc2
 
 
 # -- readers -----------------------------------------------------------------------------

@@ -1,0 +1,435 @@
+"""Sized, cacheable, resumable ZIPs, in-process: Content-Length, validators, ranges, the CRC-32 cache."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from werkzeug.http import http_date
+from werkzeug.test import Client, EnvironBuilder, TestResponse
+
+from zipmiddleware import ConfigError, ZipEntry, ZipMiddleware, ZipTarget
+from zipmiddleware.crccache import SQLiteCrcCache
+from zipmiddleware.errors import StreamError
+from zipmiddleware.planning import PlannedEntry, Planner, dos_date_time
+from zipmiddleware.zipengine import Layout, ZipRange, ZipStream, crc32_combine, merged
+
+from .conftest import plain_app, read_zip, write_tree
+from .test_engine import trees
+
+
+def client_for(root: Path, target: Callable[[], Any] | None = None, **options: Any) -> Client:
+    """A client whose ``/d`` route zips ``root`` (or answers ``target()``)."""
+    resolve = target or (lambda: ZipTarget.from_directory(root))
+    middleware = ZipMiddleware(plain_app, routes={"/d": lambda request: resolve()}, roots=[root], **options)
+    return Client(middleware)
+
+
+def get(client: Client, path: str = "/d", method: str = "GET", **headers: str) -> TestResponse:
+    """One request, its body read to the end (and so its files read) before it returns."""
+    headers = {k.replace("_", "-"): v for k, v in headers.items()}
+    response = client.open(path, method=method, headers=headers, buffered=True)
+    response.get_data()
+    return response
+
+
+def rchar() -> int:
+    """Bytes this process has read through read(2) and friends so far."""
+    with open("/proc/self/io") as io:
+        return next(int(line.split()[1]) for line in io if line.startswith("rchar:"))
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return write_tree(
+        tmp_path / "game",
+        {
+            "game.exe": os.urandom(300_000),
+            "data/levels.pak": os.urandom(200_000),
+            "data/empty.cfg": b"",
+            "Dokumentation/Über.txt": "Grüße\n".encode() * 1000,
+        },
+    )
+
+
+# -- Content-Length -------------------------------------------------------------------------
+
+
+def test_stored_archive_has_exact_length_and_validators(folder: Path) -> None:
+    response = get(client_for(folder))
+    assert response.status_code == 200
+    assert response.headers["Content-Length"] == str(len(response.data))
+    assert response.headers["Accept-Ranges"] == "bytes"
+    assert response.headers["ETag"].startswith('"zip-')
+    newest = max(p.stat().st_mtime for p in folder.rglob("*") if p.is_file())
+    assert response.headers["Last-Modified"] == http_date(int(newest))
+    assert read_zip(response.data)["Dokumentation/Über.txt"] == "Grüße\n".encode() * 1000
+
+
+def test_head_has_the_same_headers_and_reads_no_file_data(folder: Path) -> None:
+    client = client_for(folder)
+    full = get(client)
+    before = rchar()
+    head = get(client, method="HEAD")
+    assert rchar() - before < 4096
+    assert head.data == b""
+    for name in ("Content-Length", "ETag", "Last-Modified", "Accept-Ranges", "Content-Disposition"):
+        assert head.headers[name] == full.headers[name]
+
+
+def test_deflate_has_no_length_and_no_ranges(folder: Path) -> None:
+    client = client_for(folder, compression_level=6)
+    response = get(client, Range="bytes=0-99")
+    assert response.status_code == 200
+    assert "Content-Length" not in response.headers
+    assert response.headers["Accept-Ranges"] == "none"
+    # Deflate is deterministic for one zlib version and level: still a strong validator.
+    assert get(client, If_None_Match=response.headers["ETag"]).status_code == 304
+    assert response.headers["ETag"] != get(client_for(folder, compression_level=5)).headers["ETag"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "length"),
+    [
+        (ZipEntry("s.txt", source=[b"abc", b"def"], size=6), True),
+        (ZipEntry("s.txt", source=iter([b"abc", b"def"])), False),
+    ],
+    ids=["sized-source", "unsized-source"],
+)
+def test_sources_get_a_length_only_when_sized_and_never_ranges(
+    folder: Path, entry: ZipEntry, length: bool
+) -> None:
+    target = ZipTarget([ZipEntry("game.exe", path=folder / "game.exe"), entry], "mixed.zip")
+    response = get(client_for(folder, lambda: target), Range="bytes=10-20")
+    assert response.status_code == 200
+    assert ("Content-Length" in response.headers) is length
+    if length:
+        assert response.headers["Content-Length"] == str(len(response.data))
+    assert response.headers["Accept-Ranges"] == "none"
+    assert "ETag" not in response.headers  # a source's content is unknown before it is read
+    assert read_zip(response.data)["s.txt"] == b"abcdef"
+
+
+def test_a_broken_length_promise_aborts() -> None:
+    assert list(merged([b"ab", b"cd"], 1024, 4)) == [b"abcd"]
+    with pytest.raises(StreamError, match="not its promised 5"):
+        list(merged([b"ab", b"cd"], 1024, 5))
+    with pytest.raises(StreamError, match="longer than its promised 3"):
+        list(merged([b"ab", b"cd"], 2, 3))
+
+
+def test_file_modified_while_read_aborts(tmp_path: Path) -> None:
+    """Same size, new content (so a new mtime): the download must not end cleanly."""
+    root = write_tree(tmp_path / "g", {"a.bin": os.urandom(300_000), "b.bin": b"b" * 10})
+    middleware = ZipMiddleware(
+        plain_app,
+        routes={"/d": lambda request: ZipTarget.from_directory(root)},
+        roots=[root],
+        chunk_size=4096,
+    )
+    stream = middleware(EnvironBuilder(path="/d").get_environ(), lambda *args: None)
+    with pytest.raises(StreamError, match="modified while being read"):
+        for index, _chunk in enumerate(stream):
+            if index == 1:
+                with open(root / "a.bin", "r+b") as file:
+                    file.write(b"X" * 10)
+                os.utime(root / "a.bin", ns=(1, 10**18))
+    stream.close()  # type: ignore[attr-defined]
+
+
+# -- property: every length and every slice ----------------------------------------------------
+
+
+def build(root: Path, files: dict[tuple[str, ...], bytes]) -> dict[str, bytes]:
+    written: dict[str, bytes] = {}
+    for parts, data in files.items():
+        path = root.joinpath(*parts)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                continue
+            path.write_bytes(data)
+        except OSError:
+            continue  # a file where a folder was wanted, or the reverse
+        written["/".join(parts)] = data
+    return written
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=trees, data=st.data())
+def test_length_and_random_slices_match_the_full_body(tmp_path_factory, files, data) -> None:
+    root = tmp_path_factory.mktemp("tree")
+    if len(build(root, files)) < 2:
+        return
+    cached = client_for(root)
+    full = get(cached)
+    body = full.data
+    assert full.headers["Content-Length"] == str(len(body))
+    read_zip(body)
+    layout = Layout(Planner(cached.application.settings).plan_directory(str(root), None).entries)  # type: ignore[attr-defined,union-attr]
+    assert layout.length == len(body)
+    # Offsets inside every kind of record: local headers, data, descriptors, the directory, the end.
+    marks = [0, len(body) - 1, layout.directory_offset, len(body) - 22]
+    for index in range(len(layout.entries)):
+        marks += [layout.offsets[index] + 3, layout.data_offsets[index], layout.entry_end(index) - 5]
+        marks += [layout.record_span(index)[0] + 7]
+    cold = client_for(root)  # a second middleware: its cache is empty
+    for _ in range(6):
+        start = data.draw(st.sampled_from(marks) | st.integers(0, len(body) - 1))
+        start = min(max(start, 0), len(body) - 1)
+        stop = data.draw(
+            st.integers(start, min(len(body) - 1, start + data.draw(st.sampled_from([0, 30, 5000]))))
+        )
+        for client in (cached, cold):
+            response = get(client, Range=f"bytes={start}-{stop}")
+            assert response.status_code == 206
+            assert response.headers["Content-Range"] == f"bytes {start}-{stop}/{len(body)}"
+            assert response.headers["Content-Length"] == str(stop - start + 1)
+            assert response.data == body[start : stop + 1]
+    suffix = data.draw(st.integers(1, len(body)))
+    assert get(cold, Range=f"bytes=-{suffix}").data == body[-suffix:]
+
+
+# -- validators and ranges, for an archive and a file ---------------------------------------------
+
+
+@pytest.fixture(params=["zip", "file"])
+def resource(request: pytest.FixtureRequest, folder: Path) -> tuple[Client, bytes, Path]:
+    """A client for ``/d``, the full body, and a file whose change changes the body."""
+    if request.param == "zip":
+        client = client_for(folder)
+    else:
+        from zipmiddleware import FileTarget
+
+        client = client_for(folder, lambda: FileTarget(folder / "game.exe"))
+    return client, get(client).data, folder / "game.exe"
+
+
+def test_conditional_get(resource: tuple[Client, bytes, Path]) -> None:
+    client, body, file = resource
+    full = get(client)
+    etag, date = full.headers["ETag"], full.headers["Last-Modified"]
+    assert get(client, If_None_Match=etag).status_code == 304
+    assert get(client, If_None_Match=f'"other", W/{etag}').status_code == 304  # weak comparison
+    assert get(client, If_None_Match='"other"').status_code == 200
+    assert get(client, If_Modified_Since=date).status_code == 304
+    not_modified = get(client, If_None_Match=etag)
+    assert not_modified.data == b"" and not_modified.headers["ETag"] == etag
+    assert get(client, If_Match=etag).status_code == 200
+    assert get(client, If_Match='"other"').status_code == 412
+    assert get(client, If_Unmodified_Since="Thu, 01 Jan 1970 00:00:01 GMT").status_code == 412
+
+    os.utime(file, (1_700_000_000, 1_700_000_000))
+    changed = get(client)
+    assert changed.headers["ETag"] != etag
+    assert get(client, If_None_Match=etag).status_code == 200
+
+
+def test_ranges(resource: tuple[Client, bytes, Path]) -> None:
+    client, body, file = resource
+    n = len(body)
+    full = get(client)
+    etag, date = full.headers["ETag"], full.headers["Last-Modified"]
+    cases: list[tuple[dict[str, str], int, bytes]] = [
+        ({"Range": "bytes=0-99"}, 206, body[:100]),
+        ({"Range": f"bytes={n - 10}-"}, 206, body[-10:]),
+        ({"Range": "bytes=-7"}, 206, body[-7:]),
+        ({"Range": f"bytes=5-{n + 1000}"}, 206, body[5:]),
+        ({"Range": "bytes=abc"}, 200, body),  # malformed: ignored
+        ({"Range": "bytes=9-3"}, 200, body),
+        ({"Range": "items=0-3"}, 200, body),
+        ({"Range": "bytes=0-1,5-6"}, 200, body),  # several ranges: the whole body
+        ({"Range": "bytes=10-19", "If-Range": etag}, 206, body[10:20]),
+        ({"Range": "bytes=10-19", "If-Range": date}, 206, body[10:20]),
+        ({"Range": "bytes=10-19", "If-Range": '"stale"'}, 200, body),
+        ({"Range": "bytes=10-19", "If-Range": "W/" + etag}, 200, body),
+        ({"Range": "bytes=10-19", "If-Range": "Thu, 01 Jan 1970 00:00:01 GMT"}, 200, body),
+    ]
+    for headers, status, expected in cases:
+        response = client.get("/d", headers=headers)
+        assert (response.status_code, response.data == expected) == (status, True), headers
+        if status == 206:
+            assert response.headers["Content-Length"] == str(len(expected))
+    unsatisfiable = client.get("/d", headers={"Range": f"bytes={n}-"})
+    assert unsatisfiable.status_code == 416
+    assert unsatisfiable.headers["Content-Range"] == f"bytes */{n}"
+    # HEAD ignores Range; the headers are those of the full body.
+    head = client.open("/d", method="HEAD", headers={"Range": "bytes=0-9"})
+    assert head.status_code == 200 and head.headers["Content-Length"] == str(n)
+
+
+# -- what a range reads ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def forty(tmp_path: Path) -> Path:
+    root = tmp_path / "forty"
+    block = os.urandom(1 << 20)
+    for index in range(40):
+        write_tree(root, {f"part{index:02}.bin": block * 4 + bytes([index])})
+    return root
+
+
+def test_a_range_near_the_end_reads_little_once_the_cache_is_warm(forty: Path) -> None:
+    client = client_for(forty)
+    full = get(client)
+    length = len(full.data)
+    assert length > 160 * (1 << 20)
+    before = rchar()
+    tail = get(client, Range="bytes=-1048576")
+    read = rchar() - before
+    assert tail.status_code == 206 and tail.data == full.data[-(1 << 20) :]
+    assert read < 2 * (1 << 20), f"read {read} bytes for the last MiB"
+
+
+def test_a_cold_range_reads_only_what_its_crcs_need(forty: Path) -> None:
+    client = client_for(forty)
+    layout = Layout(Planner(client.application.settings).plan_directory(str(forty), None).entries)  # type: ignore[attr-defined,union-attr]
+    # Inside the data of entry 20, ending before its descriptor: no CRC-32 needed.
+    start = layout.data_offsets[20] + 1000
+    before = rchar()
+    inside = get(client, Range=f"bytes={start}-{start + 99_999}")
+    assert inside.status_code == 206 and len(inside.data) == 100_000
+    assert rchar() - before < 200_000
+    # Through entry 20's descriptor: entry 20 is read once, whole, for its CRC-32; nothing else.
+    before = rchar()
+    across = get(client, Range=f"bytes={start}-{layout.entry_end(20) + 10}")
+    assert across.status_code == 206
+    assert (4 << 20) < rchar() - before < (4 << 20) + 200_000
+    # Only the end record (as a remote ZIP reader asks first): no file data at all.
+    before = rchar()
+    assert len(get(client, Range="bytes=-22").data) == 22
+    assert rchar() - before < 64 * 1024
+
+
+def test_full_download_and_ranges_fill_the_cache(forty: Path, tmp_path: Path) -> None:
+    path = tmp_path / "crc.sqlite"
+    client = client_for(forty, crc_cache=str(path))
+    get(client, Range="bytes=0-10")  # a range that reads no whole file learns nothing
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM crc32").fetchone() == (0,)
+    body = get(client).data
+    rows = sqlite3.connect(path).execute("SELECT size, crc FROM crc32").fetchall()
+    expected = {(p.stat().st_size, zlib.crc32(p.read_bytes())) for p in forty.iterdir()}
+    assert set(rows) == expected and len(rows) == 40
+    # Another middleware (another worker) on the same file starts warm.
+    other = client_for(forty, crc_cache=str(path))
+    before = rchar()
+    assert get(other, Range="bytes=-100").data == body[-100:]
+    assert rchar() - before < 64 * 1024
+
+
+# -- the cache itself ---------------------------------------------------------------------------
+
+
+def test_cache_round_trip_and_64_bit_keys(tmp_path: Path) -> None:
+    for cache in (SQLiteCrcCache(), SQLiteCrcCache(tmp_path / "c.sqlite")):
+        big = (2**64 - 1, 2**63, 5, 2**62)
+        cache.put_many({(1, 2, 3, 4): 0xDEADBEEF, big: 7})
+        assert cache.get_many([(1, 2, 3, 4), big, (9, 9, 9, 9)]) == {(1, 2, 3, 4): 0xDEADBEEF, big: 7}
+
+
+def test_bad_cache_settings_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="crc_cache"):
+        ZipMiddleware(plain_app, crc_cache=str(tmp_path / "missing-folder" / "c.sqlite"))
+    with pytest.raises(ConfigError, match="crc_cache"):
+        ZipMiddleware(plain_app, crc_cache=42)
+
+
+WRITER = """
+import sys
+from zipmiddleware.crccache import SQLiteCrcCache
+cache = SQLiteCrcCache(sys.argv[1])
+worker = int(sys.argv[2])
+for batch in range(50):
+    cache.put_many({(worker, batch, n, 0): worker * 1000 + n for n in range(20)})
+    assert cache.get_many([(worker, batch, 0, 0)]) == {(worker, batch, 0, 0): worker * 1000}
+"""
+
+
+def test_cache_is_safe_with_several_processes_and_threads(tmp_path: Path) -> None:
+    import threading
+
+    path = tmp_path / "shared.sqlite"
+    SQLiteCrcCache(path)
+    processes = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(worker)]) for worker in range(4)
+    ]
+    cache = SQLiteCrcCache(path)
+    errors: list[BaseException] = []
+
+    def write(worker: int) -> None:
+        try:
+            for batch in range(50):
+                cache.put_many({(worker, batch, n, 0): worker * 1000 + n for n in range(20)})
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(worker,)) for worker in range(10, 14)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [p.wait(timeout=60) for p in processes] == [0, 0, 0, 0]
+    assert not errors
+    count = sqlite3.connect(path).execute("SELECT count(*) FROM crc32").fetchone()[0]
+    assert count == 8 * 50 * 20
+
+
+def test_cache_reconnects_after_fork(tmp_path: Path) -> None:
+    cache = SQLiteCrcCache(tmp_path / "c.sqlite")
+    cache.put_many({(1, 1, 1, 1): 11})
+    pid = os.fork()
+    if pid == 0:  # the child must not reuse the parent's connection
+        code = 0 if cache.get_many([(1, 1, 1, 1)]) == {(1, 1, 1, 1): 11} else 1
+        cache.put_many({(2, 2, 2, 2): 22})
+        os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert cache.get_many([(2, 2, 2, 2)]) == {(2, 2, 2, 2): 22}
+
+
+# -- the range body on its own ----------------------------------------------------------------------
+
+
+def entries_of(root: Path) -> tuple[PlannedEntry, ...]:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    snapshots = [Planner.snapshot(str(p)) for p in files]
+    return tuple(
+        PlannedEntry(p.relative_to(root).as_posix(), dos_date_time(s.mtime), file=s, size=s.size)
+        for p, s in zip(files, snapshots, strict=True)
+    )
+
+
+def pieces(body: ZipRange | ZipStream) -> Iterator[bytes]:
+    try:
+        yield from body
+    finally:
+        body.close()
+
+
+def test_every_slice_of_a_small_archive(folder: Path) -> None:
+    entries = entries_of(folder)
+    layout = Layout(entries)
+    body = b"".join(pieces(ZipStream(entries, length=layout.length)))
+    assert len(body) == layout.length
+    step = max(1, layout.length // 300)
+    for start in range(0, layout.length, step):
+        for stop in (start + 1, start + 17, start + 70_000, layout.length):
+            stop = min(stop, layout.length)
+            got = b"".join(pieces(ZipRange(layout, start, stop, chunk_size=4096, crc_cache=None)))
+            assert got == body[start:stop], (start, stop)
+
+
+@given(first=st.binary(max_size=5000), second=st.binary(max_size=5000))
+def test_crc32_combine_matches_zlib(first: bytes, second: bytes) -> None:
+    combined = crc32_combine(zlib.crc32(first), zlib.crc32(second), len(second))
+    assert combined == zlib.crc32(first + second)
