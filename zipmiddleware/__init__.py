@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from .crccache import CrcCache, SQLiteCrcCache
 from .errors import ConfigError, ZipMiddlewareError
 from .middleware import ZipMiddleware
 from .targets import Failed, FileTarget, Pending, ZipEntry, ZipTarget
@@ -15,9 +16,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "CrcCache",
     "Failed",
     "FileTarget",
     "Pending",
+    "SQLiteCrcCache",
     "ZipEntry",
     "ZipMiddleware",
     "ZipMiddlewareError",
