@@ -80,6 +80,9 @@ def _range(environ: WSGIEnvironment, validators: Validators) -> Outcome:
         return FULL
     if not _if_range_holds(environ.get("HTTP_IF_RANGE"), validators):
         return FULL
+    first, last = parsed.ranges[0]
+    if first < 0 and last is None and -first > length:
+        return Outcome(206, 0, length)  # a suffix longer than the body means all of it (RFC 9110 14.1.2)
     span = parsed.range_for_length(length)
     if span is None:
         return Outcome(416)
