@@ -31,6 +31,8 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from .servers import PROJECT, GunicornServer
 
@@ -603,3 +605,35 @@ def test_crc_cache_is_filled_by_a_full_download(server: GunicornServer, data: Pa
     rows = cached_crcs(cache)
     for rel, content in SMALL_FILES.items():
         assert rows[keys[rel]] == zlib.crc32(content) == in_archive[rel], rel
+
+
+@pytest.fixture(scope="module")
+def small_zip(server: GunicornServer) -> bytes:
+    response, body = request(server, "GET", f"/folder/{SMALL}")
+    assert response.status == 200 and response.getheader("Content-Length") == str(len(body))
+    return body
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_slices_from_the_real_server(
+    server: GunicornServer, small_zip: bytes, data: st.DataObject
+) -> None:
+    """Random ranges, biased to the records' edges: local headers, data, descriptors, directory, end."""
+    body = small_zip
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        infos = archive.infolist()
+    directory = int.from_bytes(body[-6:-2], "little")  # the end record's directory offset
+    edges = [0, directory, len(body) - 22, len(body) - 1]
+    for info in infos:
+        data_at = info.header_offset + 30 + len(info.orig_filename.encode()) + len(info.extra)
+        edges += [info.header_offset + 1, data_at, data_at + info.compress_size + 3]
+    start = data.draw(st.sampled_from(edges) | st.integers(0, len(body) - 1))
+    start = min(max(start, 0), len(body) - 1)
+    stop = data.draw(
+        st.integers(start, min(len(body) - 1, start + data.draw(st.sampled_from([0, 40, 70_000]))))
+    )
+    response, got = request(server, "GET", f"/folder/{SMALL}", {"Range": f"bytes={start}-{stop}"})
+    assert response.status == 206
+    assert response.getheader("Content-Range") == f"bytes {start}-{stop}/{len(body)}"
+    assert got == body[start : stop + 1]
