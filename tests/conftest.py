@@ -28,6 +28,23 @@ def write_tree(root: Path, files: dict[str, bytes]) -> Path:
     return root
 
 
+def write_generated_tree(root: Path, files: dict[tuple[str, ...], bytes]) -> dict[str, bytes]:
+    """Write a generated tree (path parts -> data), skipping what cannot exist together
+    (a file where a folder was wanted, or the reverse); return what was written."""
+    written: dict[str, bytes] = {}
+    for parts, data in files.items():
+        path = root.joinpath(*parts)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                continue
+            path.write_bytes(data)
+        except OSError:
+            continue
+        written["/".join(parts)] = data
+    return written
+
+
 def read_zip(body: bytes) -> dict[str, bytes]:
     """Every entry of an archive, after checking all CRCs."""
     with zipfile.ZipFile(io.BytesIO(body)) as archive:

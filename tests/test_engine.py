@@ -18,7 +18,7 @@ from zipmiddleware import ZipEntry, ZipMiddleware, ZipTarget
 from zipmiddleware.errors import StreamError
 from zipmiddleware.zipengine import ZipStream
 
-from .conftest import plain_app, read_zip, write_tree
+from .conftest import plain_app, read_zip, write_generated_tree, write_tree
 
 
 def stream(root: Path, target: ZipTarget, **options) -> tuple[list[bytes], ZipStream]:
@@ -220,17 +220,7 @@ trees = st.dictionaries(
 @given(files=trees, level=st.sampled_from([0, 0, 1, 9]), chunk_size=st.sampled_from([1024, 65536]))
 def test_random_trees_round_trip(tmp_path_factory, files, level: int, chunk_size: int) -> None:
     root = tmp_path_factory.mktemp("tree")
-    written: dict[str, bytes] = {}
-    for parts, data in files.items():
-        path = root.joinpath(*parts)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists():
-                continue
-            path.write_bytes(data)
-        except (FileExistsError, NotADirectoryError, IsADirectoryError, OSError):
-            continue  # a file where a folder was wanted, or the reverse
-        written["/".join(parts)] = data
+    written = write_generated_tree(root, files)
     if len(written) < 2:
         return
     chunks, _ = stream(root, ZipTarget.from_directory(root), compression_level=level, chunk_size=chunk_size)

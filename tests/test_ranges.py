@@ -23,7 +23,7 @@ from zipmiddleware.errors import StreamError
 from zipmiddleware.planning import PlannedEntry, Planner, dos_date_time
 from zipmiddleware.zipengine import Layout, ZipRange, ZipStream, crc32_combine, merged
 
-from .conftest import plain_app, read_zip, write_tree
+from .conftest import plain_app, read_zip, write_generated_tree, write_tree
 from .test_engine import trees
 
 
@@ -149,26 +149,12 @@ def test_file_modified_while_read_aborts(tmp_path: Path) -> None:
 # -- property: every length and every slice ----------------------------------------------------
 
 
-def build(root: Path, files: dict[tuple[str, ...], bytes]) -> dict[str, bytes]:
-    written: dict[str, bytes] = {}
-    for parts, data in files.items():
-        path = root.joinpath(*parts)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists():
-                continue
-            path.write_bytes(data)
-        except OSError:
-            continue  # a file where a folder was wanted, or the reverse
-        written["/".join(parts)] = data
-    return written
-
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(files=trees, data=st.data())
 def test_length_and_random_slices_match_the_full_body(tmp_path_factory, files, data) -> None:
     root = tmp_path_factory.mktemp("tree")
-    if len(build(root, files)) < 2:
+    if len(write_generated_tree(root, files)) < 2:
         return
     cached = client_for(root)
     full = get(cached)

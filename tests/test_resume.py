@@ -34,12 +34,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from .clients import TOOL_ENV, read_headers, request, run, sha256
 from .servers import PROJECT, GunicornServer
 
 pytestmark = pytest.mark.server
 
 MIB = 1024 * 1024
-TOOL_ENV = {**os.environ, "LC_ALL": "C.UTF-8"}
 APP = "tests.server_app:app"
 
 
@@ -86,27 +86,6 @@ def write_files(root: Path, files: dict[str, bytes], mtime_ns: int = MTIME_NS) -
         os.utime(path, ns=(stamp, stamp))
 
 
-def run(command: list[Any], timeout: float = 30, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
-    """Run a client tool with a bounded time and a UTF-8 locale; output is captured."""
-    return subprocess.run(command, capture_output=True, timeout=timeout, env=TOOL_ENV, check=False, **kwargs)
-
-
-def read_headers(path: Path) -> tuple[int, dict[str, list[str]]]:
-    """Status and headers (lower-case names) of the last response in a ``curl -D`` file."""
-    blocks = [b for b in path.read_bytes().decode("latin-1").split("\r\n\r\n") if b.strip()]
-    lines = blocks[-1].split("\r\n")
-    status = int(lines[0].split()[1])
-    headers: dict[str, list[str]] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
-    return status, headers
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
@@ -130,18 +109,6 @@ def size_of(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
-
-
-def request(
-    server: GunicornServer, method: str, path: str, headers: dict[str, str] | None = None
-) -> tuple[http.client.HTTPResponse, bytes]:
-    connection = http.client.HTTPConnection(server.host, server.port, timeout=15)
-    try:
-        connection.request(method, path, headers=headers or {})
-        response = connection.getresponse()
-        return response, response.read()
-    finally:
-        connection.close()
 
 
 def kill_part_way(command: list[Any], output: Path, at_least: int, log: Path, timeout: float = 20) -> int:

@@ -6,7 +6,6 @@ The application is ``tests/server_app.py``; ``tests/servers.py`` starts and stop
 from __future__ import annotations
 
 import grp
-import hashlib
 import http.client
 import io
 import os
@@ -14,25 +13,23 @@ import pwd
 import re
 import shutil
 import socket
-import subprocess
 import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import pytest
 
+from .clients import read_headers, request, run, sha256
 from .servers import PROJECT, GunicornServer, open_fds
 
 pytestmark = pytest.mark.server
 
 MIB = 1024 * 1024
 # Clients print UTF-8 names only under a UTF-8 locale.
-TOOL_ENV = {**os.environ, "LC_ALL": "C.UTF-8"}
 APP = "tests.server_app:app"
 BROKEN_MESSAGE = "the test source failed on purpose"  # as in server_app
 
@@ -61,27 +58,6 @@ def write_files(root: Path, files: dict[str, bytes]) -> None:
         path.write_bytes(data)
 
 
-def run(command: list[Any], timeout: float = 30, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
-    """Run a client tool with a bounded time and a UTF-8 locale; output is captured."""
-    return subprocess.run(command, capture_output=True, timeout=timeout, env=TOOL_ENV, check=False, **kwargs)
-
-
-def read_headers(path: Path) -> tuple[int, dict[str, list[str]]]:
-    """Status and headers (lower-case names) of the last response in a ``curl -D`` file."""
-    blocks = [b for b in path.read_bytes().decode("latin-1").split("\r\n\r\n") if b.strip()]
-    lines = blocks[-1].split("\r\n")
-    status = int(lines[0].split()[1])
-    headers: dict[str, list[str]] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
-    return status, headers
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def tree(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` by relative path; asserts that there is nothing else but folders."""
     found = {}
@@ -91,18 +67,6 @@ def tree(root: Path) -> dict[str, bytes]:
         else:
             assert path.is_dir(), path
     return found
-
-
-def request(
-    server: GunicornServer, method: str, path: str, headers: dict[str, str] | None = None
-) -> tuple[http.client.HTTPResponse, bytes]:
-    connection = http.client.HTTPConnection(server.host, server.port, timeout=15)
-    try:
-        connection.request(method, path, headers=headers or {})
-        response = connection.getresponse()
-        return response, response.read()
-    finally:
-        connection.close()
 
 
 def small_buffer_connection(server: GunicornServer) -> http.client.HTTPConnection:
