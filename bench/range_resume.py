@@ -42,7 +42,6 @@ figures, not assertions; wrong bytes make the script exit with status 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import os
 import platform
@@ -59,6 +58,9 @@ from pathlib import Path
 from typing import Any
 
 from werkzeug.test import EnvironBuilder
+
+# bench/ is on sys.path when a script of it runs: share the page-cache helpers.
+from zip_throughput import available_memory, warm_page_cache  # noqa: E402
 
 import zipmiddleware
 from zipmiddleware import ZipMiddleware, ZipTarget
@@ -121,24 +123,6 @@ def free_space(folder: Path) -> int:
     while not existing.exists():
         existing = existing.parent
     return shutil.disk_usage(existing).free
-
-
-def warm_page_cache(paths: Iterable[Path]) -> None:
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            while os.read(fd, MIB):
-                pass
-        finally:
-            os.close(fd)
-
-
-def available_memory() -> int | None:
-    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return None
 
 
 def drop_page_cache() -> None:

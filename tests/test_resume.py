@@ -18,11 +18,10 @@ import re
 import signal
 import sqlite3
 import subprocess
-import time
 import uuid
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from email.utils import format_datetime, parsedate_to_datetime
@@ -34,7 +33,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .clients import TOOL_ENV, read_headers, request, run, sha256
+from .clients import TOOL_ENV, read_headers, request, run, sha256, wait_for
 from .servers import PROJECT, GunicornServer
 
 pytestmark = pytest.mark.server
@@ -92,16 +91,6 @@ def sha256_file(path: Path) -> str:
         while block := file.read(MIB):
             digest.update(block)
     return digest.hexdigest()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 def size_of(path: Path) -> int:

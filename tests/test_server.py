@@ -16,14 +16,14 @@ import socket
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
-from .clients import read_headers, request, run, sha256
+from .clients import read_headers, request, run, sha256, wait_for
 from .servers import PROJECT, GunicornServer, open_fds
 
 pytestmark = pytest.mark.server
@@ -78,16 +78,6 @@ def small_buffer_connection(server: GunicornServer) -> http.client.HTTPConnectio
     connection = http.client.HTTPConnection(server.host, server.port, timeout=15)
     connection.sock = sock
     return connection
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 # -- fixtures ---------------------------------------------------------------------------
