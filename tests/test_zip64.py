@@ -18,6 +18,15 @@ and calling ``close()``. Each archive is then checked by:
   pipe, announces each one as ``x NAME`` just before its data; the output is
   parsed against the expected names, sizes and contents.
 
+The full response must carry a Content-Length equal to the body's length (it is
+computed before the first byte from ``zipengine.Layout``, which is also compared
+with the archive written) and ``Accept-Ranges: bytes``. The same middleware
+instance, whose CRC-32 cache the full download filled, then answers ranges at
+every kind of record and across 2 GiB - 1 and 4 GiB; each 206 must be exactly those
+bytes of the full download, and a range of the last MiB must read little file data.
+An archive of 65,600 small files (ZIP64 end record for the count alone) goes
+through the same checks.
+
 Inputs are sparse files (all zeros, no disk blocks). The archive is written as a
 sparse file too: a chunk that is all zeros becomes a hole (seek instead of write).
 Reading it back gives exactly the bytes the middleware yielded, without writing
@@ -42,6 +51,8 @@ import pytest
 from werkzeug.test import EnvironBuilder
 
 from zipmiddleware import ZipEntry, ZipMiddleware, ZipTarget
+from zipmiddleware.planning import ZipPlan
+from zipmiddleware.zipengine import Layout
 
 pytestmark = pytest.mark.slow
 
@@ -135,6 +146,60 @@ def small(name: str) -> Member:
 
 # -- producing the archive through the WSGI application ----------------------------------
 
+URL = "/zip64/case"
+
+
+@dataclass
+class Server:
+    """One ZipMiddleware instance serving ``members`` at :data:`URL`.
+
+    The same instance answers the full download and then the ranges, so that the
+    ranges find the CRC-32s the full download left in its (in-memory) cache.
+    """
+
+    middleware: ZipMiddleware
+    target: ZipTarget
+
+    @classmethod
+    def serving(cls, sources: Path, members: list[Member], *, whole_folder: bool = False) -> Server:
+        """Explicit entries in ``members``' order, or (``whole_folder``) the folder, walked and sorted."""
+        paths = [member.create(sources) for member in members]
+        if whole_folder:
+            assert [m.name for m in members] == sorted(m.name for m in members)
+            target = ZipTarget.from_directory(sources, "case.zip")
+        else:
+            target = ZipTarget([ZipEntry(p.name, path=p) for p in paths], "case.zip")
+
+        def resolve(request: Any, case: str) -> ZipTarget:
+            return target
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+            raise AssertionError("the download route must not reach the wrapped application")
+
+        middleware = ZipMiddleware(
+            app, routes={"/zip64/<case>": resolve}, roots=[str(sources)], chunk_size=CHUNK_SIZE
+        )
+        return cls(middleware, target)
+
+    def get(self, headers: dict[str, str] | None = None) -> tuple[str, dict[str, str], Iterable[bytes]]:
+        """Call the middleware: its status, headers and (not yet iterated) body."""
+        environ = EnvironBuilder(path=URL, method="GET", headers=headers).get_environ()
+        started: list[tuple[str, list[tuple[str, str]]]] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+            started.append((status, headers))
+
+        body = self.middleware(environ, start_response)
+        assert len(started) == 1
+        status, header_list = started[0]
+        return status, dict(header_list), body
+
+    def layout(self) -> Layout:
+        """The middleware's own layout of this archive, planned as a request would plan it."""
+        plan = self.middleware.planner.plan(self.target)
+        assert isinstance(plan, ZipPlan)
+        return Layout(plan.entries)
+
 
 @dataclass
 class Produced:
@@ -144,26 +209,9 @@ class Produced:
     chunk_sizes: list[int]
 
 
-def produce_archive(sources: Path, members: list[Member], output: Path) -> Produced:
-    """Serve ``members`` through ZipMiddleware and write the response body to ``output``."""
-    paths = [member.create(sources) for member in members]
-
-    def resolve(request: Any, case: str) -> ZipTarget:
-        return ZipTarget([ZipEntry(p.name, path=p) for p in paths], f"{case}.zip")
-
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-        raise AssertionError("the download route must not reach the wrapped application")
-
-    middleware = ZipMiddleware(
-        app, routes={"/zip64/<case>": resolve}, roots=[str(sources)], chunk_size=CHUNK_SIZE
-    )
-    environ = EnvironBuilder(path="/zip64/case", method="GET").get_environ()
-    started: list[tuple[str, list[tuple[str, str]]]] = []
-
-    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
-        started.append((status, headers))
-
-    body = middleware(environ, start_response)
+def produce_archive(server: Server, output: Path) -> Produced:
+    """Download the whole archive from ``server`` and write the response body to ``output``."""
+    status, headers, body = server.get()
     chunk_sizes: list[int] = []
     zero_chunks: dict[int, bytes] = {}
     total = 0
@@ -186,20 +234,182 @@ def produce_archive(sources: Path, members: list[Member], output: Path) -> Produ
         close = getattr(body, "close", None)
         if close is not None:
             close()
-    assert len(started) == 1
-    status, headers = started[0]
-    return Produced(status, dict(headers), total, chunk_sizes)
+    return Produced(status, headers, total, chunk_sizes)
 
 
 def check_response(produced: Produced, output: Path) -> None:
     assert produced.status == "200 OK"
     assert produced.headers["Content-Type"] == "application/zip"
     assert output.stat().st_size == produced.total
+    # The length was promised before the first byte: it must be the body's length.
+    assert "Content-Length" in produced.headers, produced.headers
+    assert int(produced.headers["Content-Length"]) == produced.total, (
+        f"Content-Length {produced.headers['Content-Length']}, body {produced.total} bytes"
+    )
+    assert produced.headers.get("Accept-Ranges") == "bytes", produced.headers
+    assert produced.headers.get("ETag"), produced.headers
     sizes = produced.chunk_sizes
     assert sizes, "the body yielded nothing"
     assert min(sizes) > 0, f"empty chunk at index {sizes.index(0)}"
     short = [(index, size) for index, size in enumerate(sizes[:-1]) if size < CHUNK_SIZE]
     assert not short, f"chunks before the last one shorter than {CHUNK_SIZE}: {short[:10]}"
+
+
+# -- ranges of the archive, from the same middleware (CRC-32 cache warm) -----------------
+
+RANGE_SIZE = 4096
+TAIL_SIZE = 1 << 20
+TAIL_READ_LIMIT = 8 << 20  # bytes a range of the last MiB may read, all files together
+
+
+def read_rchar() -> int:
+    """Bytes this process has read with read() and friends so far (any file, any thread)."""
+    with open("/proc/self/io") as io_stats:
+        fields = dict(line.split(": ") for line in io_stats.read().splitlines())
+    return int(fields["rchar"])
+
+
+def request_range(server: Server, output: Path, label: str, start: int, size: int = RANGE_SIZE) -> bytes:
+    """GET ``Range: bytes=start-(start+size-1)`` (clipped to the archive): check the 206 against the file."""
+    total = output.stat().st_size
+    stop = min(start + size, total)  # exclusive
+    assert 0 <= start < stop, f"{label}: range {start}-{stop} outside {total} bytes"
+    status, headers, body = server.get({"Range": f"bytes={start}-{stop - 1}"})
+    try:
+        data = b"".join(body)
+    finally:
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+    where = f"{label}: bytes {start}-{stop - 1} of {total}"
+    assert status.split()[0] == "206", f"{where}: status {status}"
+    assert headers.get("Content-Range") == f"bytes {start}-{stop - 1}/{total}", f"{where}: {headers}"
+    assert headers.get("Content-Length") == str(stop - start), f"{where}: {headers}"
+    assert headers.get("Accept-Ranges") == "bytes", f"{where}: {headers}"
+    with open(output, "rb") as file:
+        file.seek(start)
+        expected = file.read(stop - start)
+    if data != expected:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(data, expected, strict=False)) if a != b),
+            min(len(data), len(expected)),
+        )
+        raise AssertionError(
+            f"{where}: {len(data)} bytes, first difference at archive offset {start + first}: "
+            f"expected {expected[first : first + 32].hex(' ')}, got {data[first : first + 32].hex(' ')}"
+        )
+    return data
+
+
+def end_records(output: Path) -> dict[str, int]:
+    """Where the end record and (if present) the ZIP64 end record and locator start."""
+    total = output.stat().st_size
+    with open(output, "rb") as file:
+        file.seek(total - 22)
+        assert file.read(4) == b"PK\x05\x06", "no end record in the last 22 bytes (no comment)"
+        positions = {"end record": total - 22}
+        file.seek(total - 22 - 20)
+        if file.read(4) == b"PK\x06\x07":
+            positions["ZIP64 locator"] = total - 22 - 20
+            file.seek(total - 22 - 20 + 8)
+            (record,) = struct.unpack("<Q", file.read(8))
+            assert record == total - 22 - 20 - 56, f"ZIP64 end record at {record}"
+            file.seek(record)
+            assert file.read(4) == b"PK\x06\x06", f"no ZIP64 end record at {record}"
+            positions["ZIP64 end record"] = record
+    return positions
+
+
+def local_records(output: Path, info: zipfile.ZipInfo) -> tuple[int, int | None, int]:
+    """Where the entry's data, its local ZIP64 extra (if any) and its data descriptor start."""
+    with open(output, "rb") as file:
+        file.seek(info.header_offset)
+        name_len, extra_len = struct.unpack("<HH", file.read(30)[26:30])
+        file.seek(info.header_offset + 30 + name_len)
+        extra = file.read(extra_len)
+    zip64_extra = None
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, pos)
+        if tag == 0x0001:
+            zip64_extra = info.header_offset + 30 + name_len + pos
+        pos += 4 + length
+    data = info.header_offset + 30 + name_len + extra_len
+    return data, zip64_extra, data + info.compress_size
+
+
+def interesting_offsets(output: Path, infos: list[zipfile.ZipInfo]) -> dict[str, int]:
+    """Range starts at every kind of record, and across the 2 GiB - 1 and 4 GiB boundaries."""
+    total = output.stat().st_size
+    with zipfile.ZipFile(output) as archive:
+        directory = archive.start_dir
+    offsets = {"inside the first local header": 7}
+    for boundary, label in ((LIMIT, "2 GiB - 1"), (FOUR_GIB, "4 GiB")):
+        for delta in (-RANGE_SIZE // 2, -1, 0, 1):
+            offsets[f"{label} {delta:+d}"] = boundary + delta
+    # Every entry of the big archives; of many small entries (where each request costs
+    # about a second of planning), the first and the last.
+    sample = infos if len(infos) <= 8 else [infos[0], infos[-1]]
+    for info in sample:
+        data, zip64_extra, descriptor = local_records(output, info)
+        name = info.filename
+        offsets[f"{name}: across the end of the previous record into its local header"] = max(
+            info.header_offset - 9, 0
+        )
+        offsets[f"{name}: start of its data"] = data
+        if zip64_extra is not None:
+            offsets[f"{name}: inside the ZIP64 local extra"] = zip64_extra + 6
+        offsets[f"{name}: across the end of its data into the descriptor"] = max(descriptor - 100, 0)
+        offsets[f"{name}: inside its data descriptor"] = descriptor + 5
+    offsets["start of the central directory"] = directory
+    offsets["middle of the central directory"] = directory + (total - directory) // 2
+    for record, position in end_records(output).items():
+        offsets[f"inside the {record}"] = position + 7
+    offsets["last byte"] = total - 1
+    unique: dict[int, str] = {}
+    for label, offset in offsets.items():
+        if 0 <= offset < total:
+            unique.setdefault(offset, label)
+    return {label: offset for offset, label in unique.items()}
+
+
+def check_layout(server: Server, output: Path, infos: list[zipfile.ZipInfo]) -> None:
+    """The Layout that gave Content-Length agrees with the archive actually written."""
+    layout = server.layout()
+    with zipfile.ZipFile(output) as archive:
+        directory = archive.start_dir
+    assert layout.length == output.stat().st_size
+    assert layout.offsets == [info.header_offset for info in infos]
+    assert layout.data_offsets == [local_records(output, info)[0] for info in infos]
+    assert layout.directory_offset == directory
+    assert layout.zip64_end == ("ZIP64 end record" in end_records(output))
+
+
+def check_ranges(server: Server, output: Path, infos: list[zipfile.ZipInfo]) -> None:
+    check_layout(server, output, infos)
+    for label, start in interesting_offsets(output, infos).items():
+        request_range(server, output, label, start)
+    check_tail_reads_little(server, output)
+
+
+def check_tail_reads_little(server: Server, output: Path) -> None:
+    """The last MiB, with every CRC-32 cached, reads at most a few MiB of file data."""
+    total = output.stat().st_size
+    start = max(total - TAIL_SIZE, 0)
+    before = read_rchar()
+    status, headers, body = server.get({"Range": f"bytes={start}-{total - 1}"})
+    try:
+        data = b"".join(body)
+    finally:
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+    read = read_rchar() - before
+    assert status.split()[0] == "206" and len(data) == total - start, (status, headers, len(data))
+    assert read < TAIL_READ_LIMIT, f"a range of the last {total - start} bytes read {read} bytes"
+    with open(output, "rb") as file:
+        file.seek(start)
+        assert data == file.read(), "the last MiB differs from the full download's"
 
 
 # -- reader 1: Python's zipfile, and the raw local records -------------------------------
@@ -390,12 +600,16 @@ def check_bsdtar_stream(output: Path, members: list[Member]) -> None:
 # -- the whole check ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def workdir(tmp_path: Path) -> Iterable[Path]:
-    """An empty folder for sources and the archive, deleted as soon as the test ends."""
+def require_tools() -> None:
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)} on PATH (Debian: unzip 7zip libarchive-tools)")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterable[Path]:
+    """An empty folder for sources and the archive, deleted as soon as the test ends."""
+    require_tools()
     free = shutil.disk_usage(tmp_path).free
     if free < MIN_FREE_BYTES:
         pytest.skip(
@@ -410,11 +624,17 @@ def workdir(tmp_path: Path) -> Iterable[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def serve_and_verify(folder: Path, members: list[Member]) -> list[zipfile.ZipInfo]:
+def serve_and_verify(
+    folder: Path, members: list[Member], *, whole_folder: bool = False
+) -> list[zipfile.ZipInfo]:
     output = folder / "archive.zip"
-    produced = produce_archive(folder / "sources", members, output)
-    shutil.rmtree(folder / "sources")  # the archive is all that is needed from here on
+    server = Server.serving(folder / "sources", members, whole_folder=whole_folder)
+    produced = produce_archive(server, output)
     check_response(produced, output)
+    # Ranges need the source files and the middleware whose cache the download filled.
+    with zipfile.ZipFile(output) as archive:
+        check_ranges(server, output, archive.infolist())
+    shutil.rmtree(folder / "sources")  # the archive is all that is needed from here on
 
     # unzip -t is the slowest reader (its CRC-32 runs at ~250 MB/s): start it first and
     # let it run on the second core while the other readers go.
@@ -465,3 +685,23 @@ def test_entry_in_the_zipstream_header_band(workdir: Path) -> None:
     members = [zeros("band.bin", size), small("after-band.txt")]
     infos = serve_and_verify(workdir, members)
     assert infos[1].header_offset < LIMIT
+
+
+ENTRY_COUNT = 65_600  # more than the 65,535 a 16-bit count holds
+
+
+def test_more_than_65535_entries(tmp_path: Path) -> None:
+    """65,600 files of a few bytes: a ZIP64 end record for the count alone, far below 2 GiB."""
+    require_tools()
+    assert ENTRY_COUNT > zipfile.ZIP_FILECOUNT_LIMIT
+    folder = tmp_path / "many"
+    (folder / "sources").mkdir(parents=True)
+    members = [Member(f"f{n:05d}.txt", len(data), data) for n in range(ENTRY_COUNT) for data in [b"%d\n" % n]]
+    try:
+        # A folder: each request walks it (scandir) rather than resolving 65,600 explicit paths.
+        infos = serve_and_verify(folder, members, whole_folder=True)
+        assert len(infos) == ENTRY_COUNT
+        assert infos[-1].header_offset < LIMIT
+        assert "ZIP64 end record" in end_records(folder / "archive.zip")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
