@@ -72,7 +72,8 @@ class ZipMiddleware:
         self.routes = RouteTable(self.settings.routes)
         self.planner = Planner(self.settings)
         # Without a configured store, each process keeps its CRC-32s in memory.
-        self.crc_cache = self.settings.crc_cache or SQLiteCrcCache()
+        configured = self.settings.crc_cache
+        self.crc_cache = SQLiteCrcCache() if configured is None else configured
 
     @classmethod
     def from_config(
