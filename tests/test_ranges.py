@@ -149,7 +149,6 @@ def test_file_modified_while_read_aborts(tmp_path: Path) -> None:
 # -- property: every length and every slice ----------------------------------------------------
 
 
-
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(files=trees, data=st.data())
 def test_length_and_random_slices_match_the_full_body(tmp_path_factory, files, data) -> None:

@@ -269,18 +269,23 @@ def read_rchar() -> int:
     return int(fields["rchar"])
 
 
+def drain(body: Iterable[bytes]) -> bytes:
+    """A WSGI body's bytes; the body is closed as a server would close it."""
+    try:
+        return b"".join(body)
+    finally:
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+
+
 def request_range(server: Server, output: Path, label: str, start: int, size: int = RANGE_SIZE) -> bytes:
     """GET ``Range: bytes=start-(start+size-1)`` (clipped to the archive): check the 206 against the file."""
     total = output.stat().st_size
     stop = min(start + size, total)  # exclusive
     assert 0 <= start < stop, f"{label}: range {start}-{stop} outside {total} bytes"
     status, headers, body = server.get({"Range": f"bytes={start}-{stop - 1}"})
-    try:
-        data = b"".join(body)
-    finally:
-        close = getattr(body, "close", None)
-        if close is not None:
-            close()
+    data = drain(body)
     where = f"{label}: bytes {start}-{stop - 1} of {total}"
     assert status.split()[0] == "206", f"{where}: status {status}"
     assert headers.get("Content-Range") == f"bytes {start}-{stop - 1}/{total}", f"{where}: {headers}"
@@ -398,12 +403,7 @@ def check_tail_reads_little(server: Server, output: Path) -> None:
     start = max(total - TAIL_SIZE, 0)
     before = read_rchar()
     status, headers, body = server.get({"Range": f"bytes={start}-{total - 1}"})
-    try:
-        data = b"".join(body)
-    finally:
-        close = getattr(body, "close", None)
-        if close is not None:
-            close()
+    data = drain(body)
     read = read_rchar() - before
     assert status.split()[0] == "206" and len(data) == total - start, (status, headers, len(data))
     assert read < TAIL_READ_LIMIT, f"a range of the last {total - start} bytes read {read} bytes"
