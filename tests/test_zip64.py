@@ -52,7 +52,7 @@ from werkzeug.test import EnvironBuilder
 
 from zipmiddleware import ZipEntry, ZipMiddleware, ZipTarget
 from zipmiddleware.planning import ZipPlan
-from zipmiddleware.zipengine import Layout
+from zipmiddleware.zipengine import Layout, crc32_combine
 
 pytestmark = pytest.mark.slow
 
@@ -69,44 +69,14 @@ TIMEOUT = 900  # seconds per external reader; far above what any of them needs
 # -- the CRC-32 of n zero bytes, without reading them ---------------------------------
 
 
-def _gf2_times(matrix: list[int], vector: int) -> int:
-    total = 0
-    row = 0
-    while vector:
-        if vector & 1:
-            total ^= matrix[row]
-        vector >>= 1
-        row += 1
-    return total
-
-
-def _gf2_square(matrix: list[int]) -> list[int]:
-    return [_gf2_times(matrix, row) for row in matrix]
-
-
 def crc32_of_zeros(length: int) -> int:
-    """``zlib.crc32(bytes(length))`` in O(log length) steps.
-
-    The CRC register (preset to 0xFFFFFFFF, inverted at the end) is run through
-    ``length`` zero bytes by squaring the one-zero-bit operator, as zlib's own
-    ``crc32_combine`` does.
-    """
-    odd = [0xEDB88320] + [1 << bit for bit in range(31)]  # one zero bit
-    even = _gf2_square(odd)  # two zero bits
-    odd = _gf2_square(even)  # four zero bits
-    register = 0xFFFFFFFF
-    while length:
-        even = _gf2_square(odd)  # first pass: one zero byte
-        if length & 1:
-            register = _gf2_times(even, register)
-        length >>= 1
-        if not length:
-            break
-        odd = _gf2_square(even)
-        if length & 1:
-            register = _gf2_times(odd, register)
-        length >>= 1
-    return register ^ 0xFFFFFFFF
+    """``zlib.crc32(bytes(length))`` in O(log length) steps, by doubling with
+    ``crc32_combine`` (itself checked against zlib in test_ranges.py)."""
+    if length <= READ_SIZE:
+        return zlib.crc32(ZEROS[:length])
+    half = crc32_of_zeros(length // 2)
+    whole = crc32_combine(half, half, length // 2)
+    return crc32_combine(whole, zlib.crc32(ZEROS[: length % 2]), length % 2)
 
 
 # -- expected archive members ----------------------------------------------------------
@@ -325,6 +295,17 @@ def end_records(output: Path) -> dict[str, int]:
     return positions
 
 
+def zip64_extra_at(extra: bytes) -> int | None:
+    """Where the ZIP64 field (tag 0x0001) starts in an extra field, if it has one."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, pos)
+        if tag == 0x0001:
+            return pos
+        pos += 4 + length
+    return None
+
+
 def local_records(output: Path, info: zipfile.ZipInfo) -> tuple[int, int | None, int]:
     """Where the entry's data, its local ZIP64 extra (if any) and its data descriptor start."""
     with open(output, "rb") as file:
@@ -332,13 +313,8 @@ def local_records(output: Path, info: zipfile.ZipInfo) -> tuple[int, int | None,
         name_len, extra_len = struct.unpack("<HH", file.read(30)[26:30])
         file.seek(info.header_offset + 30 + name_len)
         extra = file.read(extra_len)
-    zip64_extra = None
-    pos = 0
-    while pos + 4 <= len(extra):
-        tag, length = struct.unpack_from("<HH", extra, pos)
-        if tag == 0x0001:
-            zip64_extra = info.header_offset + 30 + name_len + pos
-        pos += 4 + length
+    at = zip64_extra_at(extra)
+    zip64_extra = None if at is None else info.header_offset + 30 + name_len + at
     data = info.header_offset + 30 + name_len + extra_len
     return data, zip64_extra, data + info.compress_size
 
@@ -459,13 +435,7 @@ def check_local_records(output: Path, infos: list[zipfile.ZipInfo]) -> None:
             assert flags & 0x08 and method == zipfile.ZIP_STORED
             assert file.read(name_len).decode() == info.filename
             extra = file.read(extra_len)
-            zip64_extra = None
-            pos = 0
-            while pos + 4 <= len(extra):
-                tag, length = struct.unpack_from("<HH", extra, pos)
-                if tag == 0x0001:
-                    zip64_extra = extra[pos + 4 : pos + 4 + length]
-                pos += 4 + length
+            zip64_extra = zip64_extra_at(extra)
             if info.file_size > LIMIT:
                 assert zip64_extra is not None, f"{info.filename}: {info.file_size} bytes, no ZIP64 extra"
             else:

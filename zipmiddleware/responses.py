@@ -110,9 +110,9 @@ def zip_response(
         close_sources(plan)
         raise RefusedError(500, SERVER_ERROR, "archive needs ZIP64 but zip64 = false")
     found = archive_validators(entries, settings.compression_level, settings.zip64)
-    etag, last_modified = found or (None, None)
-    rangeable = layout is not None and found is not None
-    validators = Validators(etag, last_modified, layout.length if rangeable and layout else None)
+    # Ranges need both the layout (where bytes lie) and validators (that they stay there).
+    length = layout.length if layout is not None and found is not None else None
+    validators = Validators(found[0] if found else None, _http_time(found[1]) if found else None, length)
     outcome = evaluate(environ, validators)
     if outcome.status not in (200, 206):
         close_sources(plan)
@@ -137,7 +137,7 @@ def zip_response(
     response.headers["Content-Disposition"] = content_disposition(plan.download_name)
     # Proxies such as nginx buffer responses by default; a download must stream.
     response.headers["X-Accel-Buffering"] = "no"
-    response.headers["Accept-Ranges"] = "bytes" if rangeable else "none"
+    response.headers["Accept-Ranges"] = "bytes" if length is not None else "none"
     if layout is not None and outcome.status == 200:
         response.content_length = layout.length
     _describe(response, outcome, validators)

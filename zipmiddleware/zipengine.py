@@ -32,7 +32,6 @@ import os
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 from .crccache import CrcCache, Key
@@ -302,6 +301,16 @@ def _zipinfo(entry: PlannedEntry, header_offset: int = 0) -> Any:
     return info
 
 
+def _written(entry: PlannedEntry, header_offset: int, zip64: bool, crc: int) -> tuple[Any, bytes]:
+    """The ``ZipInfo`` of a written stored entry and its local header, as zipstream-new has them
+    after the entry: the header also sets the versions the central record repeats."""
+    info = _zipinfo(entry, header_offset)
+    header = info.FileHeader(zip64 and info.file_size * 1.05 > ZIP64_LIMIT)
+    info.CRC = crc
+    info.compress_size = info.file_size = entry.size
+    return info, header
+
+
 class Layout:
     """Where every byte of a stored archive lies, from names and sizes alone.
 
@@ -323,6 +332,7 @@ class Layout:
         self.zip64 = zip64
         self.offsets: list[int] = []  # of each local header
         self.data_offsets: list[int] = []
+        self.descriptor_offsets: list[int] = []
         self.records: list[int] = []  # of each central record, from the directory's start
         position = directory = 0
         for entry in entries:
@@ -333,8 +343,9 @@ class Layout:
             self.offsets.append(position)
             self.records.append(directory)
             self.data_offsets.append(position + 30 + name + (20 if big and zip64 else 0))
+            self.descriptor_offsets.append(self.data_offsets[-1] + entry.size)
             fields = 2 * big + (position > ZIP64_LIMIT)
-            position = self.data_offsets[-1] + entry.size + (24 if big else 16)
+            position = self.descriptor_offsets[-1] + (24 if big else 16)
             directory += 46 + name + (4 + 8 * fields if fields else 0)
         self.directory_offset = position
         self.directory_size = directory
@@ -357,8 +368,8 @@ class Layout:
 
 def archive_validators(
     entries: tuple[PlannedEntry, ...], compression_level: int, zip64: bool
-) -> tuple[str, datetime] | None:
-    """A strong ETag and Last-Modified for an archive of files; None if any entry is a source.
+) -> tuple[str, float] | None:
+    """A strong ETag and the newest mtime for an archive of files; None if any entry is a source.
 
     The ETag covers everything that decides the bytes: each entry's name, date,
     and file (device, inode, size, mtime in ns), the settings that shape the
@@ -374,7 +385,7 @@ def archive_validators(
         assert entry.file is not None
         digest.update(repr((entry.arcname, entry.date_time, entry.file.identity)).encode() + b"\0")
         newest = max(newest, entry.file.mtime)
-    return "zip-" + digest.hexdigest()[:40], datetime.fromtimestamp(int(newest), UTC)
+    return "zip-" + digest.hexdigest()[:40], newest
 
 
 class ZipRange:
@@ -397,6 +408,7 @@ class ZipRange:
         self.chunk_size = chunk_size
         self.crc_cache = crc_cache
         self._crcs: dict[int, int] = {}  # entry index -> CRC-32
+        self._needed = self._crc_needed()
         self._pieces: Iterator[bytes] | None = None
         self._output: Iterator[bytes] | None = None
 
@@ -422,21 +434,20 @@ class ZipRange:
             logger.error("range aborted: %s", exc)
             raise
 
-    def _needed(self) -> list[int]:
+    def _crc_needed(self) -> list[int]:
         """The entries whose descriptor or central record lies in the range."""
         layout, start, stop = self.layout, self.start, self.stop
         needed = []
-        for index, entry in enumerate(layout.entries):
-            descriptor = layout.data_offsets[index] + (entry.size or 0)
-            following = layout.entry_end(index)
+        for index, descriptor in enumerate(layout.descriptor_offsets):
             record_start, record_stop = layout.record_span(index)
-            if (descriptor < stop and following > start) or (record_start < stop and record_stop > start):
+            in_descriptor = descriptor < stop and layout.entry_end(index) > start
+            if in_descriptor or (record_start < stop and record_stop > start):
                 needed.append(index)
         return needed
 
     def _entries(self) -> Iterator[bytes]:
         layout, start, stop = self.layout, self.start, self.stop
-        self._crcs.update(self._cached(self._needed()))
+        self._crcs.update(self._cached(self._needed))
         if start >= layout.directory_offset:
             return
         first = max(bisect.bisect_right(layout.offsets, start) - 1, 0)
@@ -446,9 +457,8 @@ class ZipRange:
                 break
             entry = layout.entries[index]
             size = entry.size or 0
-            data, descriptor = layout.data_offsets[index], layout.data_offsets[index] + size
-            info = _zipinfo(entry, offset)
-            header = info.FileHeader(self.layout.zip64 and info.file_size * 1.05 > ZIP64_LIMIT)
+            data, descriptor = layout.data_offsets[index], layout.descriptor_offsets[index]
+            info, header = _written(entry, offset, layout.zip64, 0)
             if start < data:
                 yield self._window(offset, header)
             if size and start < descriptor and stop > data:
@@ -460,17 +470,20 @@ class ZipRange:
                     yield from read_file(entry.arcname, entry.file, self.chunk_size, low, high)
             if start < layout.entry_end(index) and stop > descriptor:
                 info.CRC = self._crc(index)
-                info.compress_size = info.file_size = size
                 yield self._window(descriptor, info.DataDescriptor())
 
     def _directory(self) -> Iterator[bytes]:
         layout = self.layout
-        for index in self._needed():
+        for index in self._needed:
             self._crc(index)  # compute what the cache lacked, before the first record
         archive = zipstream.ZipFile(
             Output(layout.directory_offset), mode="w", compression=zipfile.ZIP_STORED, allowZip64=layout.zip64
         )
-        archive.filelist = (self._finished_info(index) for index in range(len(layout.entries)))
+        # Records outside the range are not sent, so a CRC-32 the range does not need may be 0.
+        archive.filelist = (
+            _written(entry, layout.offsets[index], layout.zip64, self._crcs.get(index, 0))[0]
+            for index, entry in enumerate(layout.entries)
+        )
         position = layout.directory_offset
         records = iter(archive)
         try:
@@ -482,15 +495,6 @@ class ZipRange:
         finally:
             records.close()
             archive.fp = None
-
-    def _finished_info(self, index: int) -> Any:
-        """The ``ZipInfo`` of a written entry, as zipstream-new keeps it for the directory."""
-        entry = self.layout.entries[index]
-        info = _zipinfo(entry, self.layout.offsets[index])
-        info.FileHeader(self.layout.zip64 and info.file_size * 1.05 > ZIP64_LIMIT)  # sets the versions
-        info.CRC = self._crcs.get(index, 0)  # records outside the range are not sent
-        info.compress_size = info.file_size = entry.size
-        return info
 
     # -- CRC-32s -----------------------------------------------------------------------
 
