@@ -62,11 +62,11 @@ def test_string_values_as_pastedeploy_delivers_them(tmp_path: Path) -> None:
             "chunk_size": " 131072 ",
             "compression_level": "6",
             "zip64": "false",
-            "routes": "\n/download/<int:game_id> = tests.test_config:resolve\n/files/<path:sub>=x\n",
+            "routes": "\n/download/<int:game_id> = tests.test_config:resolve\n/files/<path:sub>=tests.test_config:resolve\n",
         }
     )
     assert settings == Settings(
-        routes=(("/download/<int:game_id>", "tests.test_config:resolve"), ("/files/<path:sub>", "x")),
+        routes=(("/download/<int:game_id>", resolve), ("/files/<path:sub>", resolve)),
         roots=(str(tmp_path / "a"), str(tmp_path / "b c")),
         exclude=("updates", "Old Versions"),
         ignore=("*.nfo", "*.sfv"),
@@ -116,7 +116,7 @@ compression_level = 9
     middleware = ZipMiddleware.from_config(plain_app, config)
     assert middleware.settings.chunk_size == 131072
     assert middleware.settings.compression_level == 9
-    assert middleware.settings.routes == (("/download/<int:game_id>", "tests.test_config:resolve"),)
+    assert middleware.settings.routes == (("/download/<int:game_id>", resolve),)
     assert ZipMiddleware.from_config(plain_app, config, chunk_size=4096).settings.chunk_size == 4096
 
 

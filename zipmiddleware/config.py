@@ -6,6 +6,8 @@ table below, so a typo or a bad value raises :class:`ConfigError` naming the key
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 import sqlite3
 import tomllib
@@ -13,8 +15,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from werkzeug.utils import ImportStringError, import_string
+
 from .crccache import CrcCache, SQLiteCrcCache
 from .errors import ConfigError
+from .routing import Resolver, load_resolver, rule_arguments
 
 # zlib's own bounds: 0 means "store", 1-9 are deflate levels.
 MIN_LEVEL, MAX_LEVEL = 0, 9
@@ -30,7 +35,8 @@ FALSE_STRINGS = {"0", "false", "no", "off"}
 class Settings:
     """Validated configuration of one :class:`~zipmiddleware.ZipMiddleware`."""
 
-    routes: tuple[tuple[str, Any], ...] = ()
+    # (werkzeug rule, resolver), resolvers imported and checked against their rule.
+    routes: tuple[tuple[str, Resolver], ...] = ()
     # Every served file must resolve inside one of these (after symlinks).
     roots: tuple[str, ...] = ()
     # Folder names skipped at any depth when a folder is zipped (compared case-insensitively).
@@ -121,29 +127,114 @@ def _split_route_line(line: str) -> tuple[str, str]:
     return "", ""
 
 
-def _routes(key: str, value: Any) -> tuple[tuple[str, Any], ...]:
-    """Routes: a mapping rule -> resolver, or (.ini) lines of ``RULE = RESOLVER``."""
+def _inline_table(text: str) -> dict[str, Any] | None:
+    """A TOML inline table, ``{ resolver = "directory", root = "/srv" }``; None if incomplete."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]  # type: ignore[no-any-return]
+    except tomllib.TOMLDecodeError:
+        return None
+
+
+def _route_lines(key: str, value: str) -> dict[str, Any]:
+    """Routes as an .ini gives them: lines of ``RULE = package.module:function`` or
+    ``RULE = { resolver = "directory", root = "/srv/games" }`` (a table may go on over
+    several lines, which are joined with spaces)."""
+    routes: dict[str, Any] = {}
+    lines = iter(value.splitlines())
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        rule, resolver = _split_route_line(line)
+        if not rule or not resolver:
+            raise ConfigError(key, f"expected lines of 'RULE = package.module:function', got {line!r}")
+        if resolver.startswith("{"):
+            table = _inline_table(resolver)
+            while table is None:
+                more = next(lines, None)
+                if more is None:
+                    raise ConfigError(
+                        f"{key}[{rule!r}]",
+                        f'expected a table {{ resolver = "directory", root = "/srv" }}, got {resolver!r}',
+                    )
+                resolver = f"{resolver} {more.strip()}"
+                table = _inline_table(resolver)
+            routes[rule] = table
+        else:
+            routes[rule] = resolver
+    return routes
+
+
+def _route_table(key: str, table: Mapping[str, Any]) -> Any:
+    """``{ resolver = NAME, **parameters }``: call a built-in or imported factory with them."""
+    from .resolvers import BUILT_IN
+
+    BUILT_IN_NAMES = "a built-in resolver (" + ", ".join(BUILT_IN) + ")"
+
+    parameters = dict(table)
+    name = parameters.pop("resolver", None)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(
+            f"{key}.resolver",
+            f"expected {BUILT_IN_NAMES} or 'package.module:factory', got {name!r}",
+        )
+    factory = BUILT_IN.get(name)
+    if factory is None:
+        try:
+            factory = import_string(name)
+        except ImportStringError as exc:
+            raise ConfigError(
+                f"{key}.resolver",
+                f"{name!r} is neither {BUILT_IN_NAMES} nor importable: {exc.exception}",
+            ) from None
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a callable without a signature: let the call decide
+        signature = None
+    if signature is not None:
+        takes = ", ".join(signature.parameters) or "no parameters"
+        if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            for parameter in parameters:
+                if parameter not in signature.parameters:
+                    raise ConfigError(f"{key}.{parameter}", f"{name} takes no such parameter ({takes})")
+        try:
+            signature.bind(**parameters)
+        except TypeError as exc:
+            raise ConfigError(key, f"{name} takes {takes}: {exc}") from None
+    try:
+        resolver = factory(**parameters)
+    except ConfigError as exc:
+        raise ConfigError(f"{key}.{exc.key}", exc.problem) from None
+    if not callable(resolver):
+        raise ConfigError(f"{key}.resolver", f"{name}(...) returned {resolver!r}, which is not callable")
+    return resolver
+
+
+def _routes(key: str, value: Any) -> tuple[tuple[str, Resolver], ...]:
+    """Routes: a mapping rule -> resolver, or (.ini) lines of ``RULE = RESOLVER``.
+
+    A resolver is a callable, a ``"package.module:function"`` string, or a table
+    naming a factory and its parameters (see :mod:`zipmiddleware.resolvers`).
+    """
     if isinstance(value, str):
-        pairs = []
-        for line in value.splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            rule, resolver = _split_route_line(line)
-            if not rule or not resolver:
-                raise ConfigError(key, f"expected lines of 'RULE = package.module:function', got {line!r}")
-            pairs.append((rule, resolver))
-        value = dict(pairs)
+        value = _route_lines(key, value)
     if not isinstance(value, Mapping):
         raise ConfigError(key, f"expected a mapping of rule -> resolver, got {value!r}")
+    routes = []
     for rule, resolver in value.items():
+        where = f"{key}[{rule!r}]"
         if not isinstance(rule, str) or not rule.startswith("/"):
-            raise ConfigError(f"{key}[{rule!r}]", "a rule is a path starting with '/'")
-        if not (callable(resolver) or isinstance(resolver, str)):
+            raise ConfigError(where, "a rule is a path starting with '/'")
+        arguments = rule_arguments(where, rule)
+        if isinstance(resolver, Mapping):
+            resolver = _route_table(where, resolver)
+        elif not (callable(resolver) or isinstance(resolver, str)):
             raise ConfigError(
-                f"{key}[{rule!r}]", f"expected a callable or 'package.module:function', got {resolver!r}"
+                where,
+                f"expected a callable, 'package.module:function' or a resolver table, got {resolver!r}",
             )
-    return tuple(value.items())
+        routes.append((rule, load_resolver(where, resolver, arguments)))
+    return tuple(routes)
 
 
 def _crc_cache(key: str, value: Any) -> CrcCache | None:
@@ -172,16 +263,55 @@ CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
 }
 
 
-def build_settings(options: Mapping[str, Any]) -> Settings:
-    """Check and convert every key; unknown keys and bad values raise :class:`ConfigError`."""
+# How each door spells the keys. Keyword arguments, TOML and .ini use the names of
+# CONVERTERS; Flask's app.config uses the names the original plan gave them.
+FLASK_PREFIX = "ZIPSTREAM_"
+FLASK_NAMES: dict[str, str] = {
+    **{key: FLASK_PREFIX + key.upper() for key in CONVERTERS},
+    "zip64": FLASK_PREFIX + "ENABLE_ZIP64",
+}
+
+
+def _unknown(name: str, known: Iterable[str]) -> ConfigError:
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return ConfigError(name, f"unknown setting ({hint}known settings: {', '.join(known)})")
+
+
+def build_settings(options: Mapping[str, Any], names: Mapping[str, str] | None = None) -> Settings:
+    """Check and convert every key; unknown keys and bad values raise :class:`ConfigError`.
+
+    ``names`` maps each key to its spelling in the door it came through, so that
+    errors name the key as the user wrote it.
+    """
+    names = names or {}
     values = {}
     for key, value in options.items():
         convert = CONVERTERS.get(key)
         if convert is None:
-            known = ", ".join(sorted(CONVERTERS))
-            raise ConfigError(key, f"unknown setting (known settings: {known})")
-        values[key] = convert(key, value)
+            raise _unknown(key, CONVERTERS)
+        values[key] = convert(names.get(key, key), value)
+    # A built-in resolver's root (directory(root=...)) is a root of the middleware too.
+    roots = [*values.get("roots", ())]
+    for _, resolver in values.get("routes", ()):
+        roots += [root for root in getattr(resolver, "roots", ()) if root not in roots]
+    if roots:
+        values["roots"] = tuple(roots)
     return Settings(**values)
+
+
+def flask_settings(config: Mapping[str, Any]) -> Settings:
+    """Settings from Flask's ``app.config``: every ``ZIPSTREAM_*`` key (see FLASK_NAMES)."""
+    keys = {name: key for key, name in FLASK_NAMES.items()}
+    options = {}
+    for name, value in config.items():
+        if not isinstance(name, str) or not name.startswith(FLASK_PREFIX):
+            continue
+        if name not in keys:
+            raise _unknown(name, keys)
+        options[keys[name]] = value
+    return build_settings(options, FLASK_NAMES)
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:

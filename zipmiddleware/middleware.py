@@ -11,7 +11,8 @@ from werkzeug.wrappers import Request, Response
 
 from .config import Settings, build_settings, read_toml
 from .crccache import CrcCache, SQLiteCrcCache
-from .errors import ConfigError, RefusedError
+from .deployment import SYNC_WORKER_WARNING, check_server_at_startup, is_sync_worker_request
+from .errors import RefusedError
 from .planning import NOT_FOUND, SERVER_ERROR, FilePlan, Planner, close_sources
 from .responses import (
     ALLOWED_METHODS,
@@ -44,7 +45,7 @@ class ZipMiddleware:
         self,
         app: WSGIApplication,
         *,
-        routes: Mapping[str, Resolver | str] | str | None = None,
+        routes: Mapping[str, Resolver | str | Mapping[str, Any]] | str | None = None,
         roots: Iterable[str] | str = (),
         exclude: Iterable[str] | str = (),
         ignore: Iterable[str] | str = (),
@@ -54,38 +55,49 @@ class ZipMiddleware:
         crc_cache: CrcCache | str | os.PathLike[str] | None = None,
         **unknown: Any,
     ) -> None:
-        for key in unknown:
-            raise ConfigError(key, "unknown setting")
+        options = {
+            "routes": routes or {},
+            "roots": roots,
+            "exclude": exclude,
+            "ignore": ignore,
+            "chunk_size": chunk_size,
+            "compression_level": compression_level,
+            "zip64": zip64,
+            "crc_cache": crc_cache,
+        }
+        self._setup(app, build_settings({**options, **unknown}))
+
+    def _setup(self, app: WSGIApplication, settings: Settings) -> None:
         self.app = app
-        self.settings = build_settings(
-            {
-                "routes": routes or {},
-                "roots": roots,
-                "exclude": exclude,
-                "ignore": ignore,
-                "chunk_size": chunk_size,
-                "compression_level": compression_level,
-                "zip64": zip64,
-                "crc_cache": crc_cache,
-            }
-        )
-        self.routes = RouteTable(self.settings.routes)
-        self.planner = Planner(self.settings)
+        self.settings = settings
+        self.routes = RouteTable(settings.routes)
+        self.planner = Planner(settings)
         # Without a configured store, each process keeps its CRC-32s in memory.
-        configured = self.settings.crc_cache
-        self.crc_cache = SQLiteCrcCache() if configured is None else configured
+        self.crc_cache = SQLiteCrcCache() if settings.crc_cache is None else settings.crc_cache
+        self._server_checked = check_server_at_startup()
+
+    @classmethod
+    def from_settings(cls, app: WSGIApplication, settings: Settings) -> ZipMiddleware:
+        """Wrap ``app`` with settings already built by one of the doors in :mod:`zipmiddleware.config`."""
+        middleware = cls.__new__(cls)
+        middleware._setup(app, settings)
+        return middleware
 
     @classmethod
     def from_config(
         cls, app: WSGIApplication, path: str | os.PathLike[str], **overrides: Any
     ) -> ZipMiddleware:
         """Read the ``[zipmiddleware]`` table of a TOML file; keyword arguments win."""
-        return cls(app, **{**read_toml(path), **overrides})
+        return cls.from_settings(app, build_settings({**read_toml(path), **overrides}))
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         match = self.routes.match(environ)
         if match is None:
             return self.app(environ, start_response)
+        if not self._server_checked:  # in case start-up could not tell (see deployment.py)
+            self._server_checked = True
+            if is_sync_worker_request(environ):
+                logger.warning(SYNC_WORKER_WARNING, "30 s by default")
         return self.respond(environ, match)(environ, start_response)
 
     def respond(self, environ: WSGIEnvironment, match: Match) -> Response:
