@@ -8,6 +8,7 @@ import hashlib
 import importlib
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,9 +60,11 @@ def expected_entries(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def pyramid_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def pyramid_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of examples/pyramid_app, its .ini unchanged, with more files (and traps) in data/."""
     base = tmp_path_factory.mktemp("pyramid-demo")
-    data = base / "files"
+    shutil.copytree(PYRAMID_APP, base / "pyramid_app")
+    data = base / "pyramid_app" / "data"
     files = {
         "Jazz Jackrabbit/JAZZ.EXE": b"MZ" + bytes(range(256)) * 64,
         "Jazz Jackrabbit/levels/DIAMOND.J2L": b"level" * 1000,
@@ -76,19 +79,22 @@ def pyramid_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (data / rel).write_bytes(content)
     (base / "outside.txt").write_bytes(b"not for download")
     (data / "link-out").symlink_to(base / "outside.txt")
-    return data
+    return base / "pyramid_app"
 
 
 @pytest.fixture(scope="module")
-def pyramid_client(pyramid_data: Path) -> Iterator[TestApp]:
+def pyramid_data(pyramid_copy: Path) -> Path:
+    return pyramid_copy / "data"
+
+
+@pytest.fixture(scope="module")
+def pyramid_client(pyramid_copy: Path) -> Iterator[TestApp]:
     with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(PYRAMID_APP))
-        for name in ("library", "library.downloads"):
-            patch.delitem(sys.modules, name, raising=False)
-        app = loadapp("config:" + str(PYRAMID_INI), global_conf={"data_dir": str(pyramid_data)})
+        patch.syspath_prepend(str(pyramid_copy))
+        patch.delitem(sys.modules, "library", raising=False)
+        app = loadapp("config:" + str(pyramid_copy / "development.ini"))
         yield TestApp(app, lint=True)
-        for name in ("library", "library.downloads"):
-            sys.modules.pop(name, None)
+        sys.modules.pop("library", None)
 
 
 def test_pyramid_home_is_pyramid(pyramid_client: TestApp) -> None:
