@@ -134,3 +134,321 @@ def test_from_config_errors(tmp_path: Path, text: str, expected: str) -> None:
     config.write_text(text, encoding="utf-8")
     with pytest.raises(ConfigError, match=expected):
         ZipMiddleware.from_config(plain_app, config)
+
+
+# -- one settings model, four doors ------------------------------------------------------------
+
+
+def factory(greeting: str, times: int = 1):  # used as "tests.test_config:factory" in a table
+    def resolver(request, **args):
+        return None
+
+    resolver.greeting = greeting * times  # type: ignore[attr-defined]
+    return resolver
+
+
+def summary(settings: Settings) -> dict[str, object]:
+    """Settings as comparable values: a resolver by what it is, not by identity."""
+
+    def describe(resolver: object) -> object:
+        if hasattr(resolver, "greeting"):
+            return resolver.greeting
+        return repr(resolver) if hasattr(resolver, "roots") else resolver
+
+    fields = {name: getattr(settings, name) for name in Settings.__dataclass_fields__}
+    fields["routes"] = tuple((rule, describe(resolver)) for rule, resolver in settings.routes)
+    fields["crc_cache"] = getattr(settings.crc_cache, "path", settings.crc_cache)
+    return fields
+
+
+@pytest.fixture
+def door_tree(tmp_path: Path) -> Path:
+    for name in ("games", "more games", "shared"):
+        (tmp_path / name).mkdir()
+    return tmp_path
+
+
+def settings_by_door(door: str, tree: Path) -> Settings:
+    """The same configuration, written as each door takes it."""
+    games, more, shared, cache = tree / "games", tree / "more games", tree / "shared", tree / "crc.sqlite"
+    if door == "keywords":
+        return ZipMiddleware(
+            plain_app,
+            routes={
+                "/download/<int:game_id>": "tests.test_config:resolve",
+                "/files/<path:subpath>": {"resolver": "directory", "root": str(shared)},
+                "/hello/<name>": {"resolver": "tests.test_config:factory", "greeting": "hi", "times": 2},
+            },
+            roots=[str(games), str(more)],
+            exclude=["updates", "Old Versions"],
+            ignore=["*.nfo", "file_id.diz"],
+            chunk_size=131072,
+            compression_level=6,
+            zip64=False,
+            crc_cache=str(cache),
+        ).settings
+    if door == "toml":
+        config = tree / "zipmiddleware.toml"
+        config.write_text(
+            f"""
+[zipmiddleware]
+roots = ["{games}", "{more}"]
+exclude = ["updates", "Old Versions"]
+ignore = ["*.nfo", "file_id.diz"]
+chunk_size = 131072
+compression_level = 6
+zip64 = false
+crc_cache = "{cache}"
+
+[zipmiddleware.routes]
+"/download/<int:game_id>" = "tests.test_config:resolve"
+"/files/<path:subpath>" = {{ resolver = "directory", root = "{shared}" }}
+
+[zipmiddleware.routes."/hello/<name>"]
+resolver = "tests.test_config:factory"
+greeting = "hi"
+times = 2
+""",
+            encoding="utf-8",
+        )
+        return ZipMiddleware.from_config(plain_app, config).settings
+    if door == "ini":
+        ini = tree / "app.ini"
+        ini.write_text(
+            f"""
+[DEFAULT]
+shared = {shared}
+
+[app:main]
+use = call:tests.test_config:paste_app_factory
+filter-with = downloads
+
+[filter:downloads]
+use = egg:zipmiddleware#main
+roots =
+    {games}
+    {more}
+exclude =
+    updates
+    Old Versions
+ignore =
+    *.nfo
+    file_id.diz
+chunk_size = 131072
+compression_level = 6
+zip64 = false
+crc_cache = {cache}
+routes =
+    /download/<int:game_id> = tests.test_config:resolve
+    /files/<path:subpath> = {{ resolver = "directory",
+                               root = "%(shared)s" }}
+    /hello/<name> = {{ resolver = "tests.test_config:factory", greeting = "hi", times = 2 }}
+""",
+            encoding="utf-8",
+        )
+        from paste.deploy import loadapp
+
+        return loadapp(f"config:{ini}").settings  # type: ignore[no-any-return]
+    if door == "flask":
+        from flask import Flask
+
+        from zipmiddleware.flask import Downloads
+
+        app = Flask(__name__)
+        app.config.update(
+            ZIPSTREAM_ROUTES={
+                "/download/<int:game_id>": "tests.test_config:resolve",
+                "/files/<path:subpath>": {"resolver": "directory", "root": str(shared)},
+                "/hello/<name>": {"resolver": "tests.test_config:factory", "greeting": "hi", "times": 2},
+            },
+            ZIPSTREAM_ROOTS=[str(games), str(more)],
+            ZIPSTREAM_EXCLUDE=["updates", "Old Versions"],
+            ZIPSTREAM_IGNORE=["*.nfo", "file_id.diz"],
+            ZIPSTREAM_CHUNK_SIZE=131072,
+            ZIPSTREAM_COMPRESSION_LEVEL=6,
+            ZIPSTREAM_ENABLE_ZIP64=False,
+            ZIPSTREAM_CRC_CACHE=str(cache),
+        )
+        return Downloads().init_app(app).settings
+    raise AssertionError(door)
+
+
+def paste_app_factory(global_conf: dict[str, str]) -> object:  # [app:main] of the .ini door
+    return plain_app
+
+
+DOORS = ["keywords", "toml", "ini", "flask"]
+
+
+@pytest.mark.parametrize("door", DOORS)
+def test_every_door_gives_the_same_settings(door: str, door_tree: Path) -> None:
+    settings = summary(settings_by_door(door, door_tree))
+    assert settings == {
+        "routes": (
+            ("/download/<int:game_id>", resolve),
+            ("/files/<path:subpath>", f"directory(root={str(door_tree / 'shared')!r})"),
+            ("/hello/<name>", "hihi"),
+        ),
+        # the directory resolver's root is a root too
+        "roots": (str(door_tree / "games"), str(door_tree / "more games"), str(door_tree / "shared")),
+        "exclude": ("updates", "Old Versions"),
+        "ignore": ("*.nfo", "file_id.diz"),
+        "chunk_size": 131072,
+        "compression_level": 6,
+        "zip64": False,
+        "crc_cache": str(door_tree / "crc.sqlite"),
+    }
+
+
+# What each door calls a key, and a bad value for it as that door would carry it.
+SPELLINGS = {
+    "keywords": {"chunk_size": "chunk_size", "zip64": "zip64", "routes": "routes"},
+    "toml": {"chunk_size": "chunk_size", "zip64": "zip64", "routes": "routes"},
+    "ini": {"chunk_size": "chunk_size", "zip64": "zip64", "routes": "routes"},
+    "flask": {
+        "chunk_size": "ZIPSTREAM_CHUNK_SIZE",
+        "zip64": "ZIPSTREAM_ENABLE_ZIP64",
+        "routes": "ZIPSTREAM_ROUTES",
+    },
+}
+
+
+def open_door(door: str, options: dict[str, object], tmp_path: Path) -> None:
+    """Build a middleware from ``options`` (keyed by each door's own spelling) through ``door``."""
+    if door == "keywords":
+        ZipMiddleware(plain_app, **options)  # type: ignore[arg-type]
+    elif door == "toml":
+        import json
+
+        lines = ["[zipmiddleware]"] + [f"{key} = {json.dumps(value)}" for key, value in options.items()]
+        config = tmp_path / "door.toml"
+        config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        ZipMiddleware.from_config(plain_app, config)
+    elif door == "ini":
+        filter_app_factory(plain_app, {}, **{key: str(value) for key, value in options.items()})
+    else:
+        from flask import Flask
+
+        from zipmiddleware.flask import Downloads
+
+        app = Flask(__name__)
+        app.config.update(options)
+        Downloads(app)
+
+
+@pytest.mark.parametrize("door", DOORS)
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("chunk_size", "lots", "expected a whole number, got 'lots'"),
+        ("chunk_size", "12", "expected a number from 1024 to 67108864, got 12"),
+        ("zip64", "maybe", "expected true or false, got 'maybe'"),
+    ],
+)
+def test_every_door_names_the_key_of_a_bad_value(
+    door: str, key: str, value: str, problem: str, tmp_path: Path
+) -> None:
+    spelled = SPELLINGS[door][key]
+    with pytest.raises(ConfigError) as info:
+        open_door(door, {spelled: value}, tmp_path)
+    assert str(info.value) == f"{spelled}: {problem}"
+    assert info.value.key == spelled
+
+
+@pytest.mark.parametrize(
+    ("door", "typo", "suggestion"),
+    [
+        ("keywords", "chunksize", "chunk_size"),
+        ("toml", "compresion_level", "compression_level"),
+        ("ini", "zip_64", "zip64"),
+        ("flask", "ZIPSTREAM_CHUNKSIZE", "ZIPSTREAM_CHUNK_SIZE"),
+        ("flask", "ZIPSTREAM_ZIP64", "ZIPSTREAM_ENABLE_ZIP64"),
+    ],
+)
+def test_every_door_rejects_an_unknown_key_and_suggests_one(
+    door: str, typo: str, suggestion: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        open_door(door, {typo: "1"}, tmp_path)
+    assert info.value.key == typo
+    assert str(info.value).startswith(f"{typo}: unknown setting (did you mean {suggestion!r}?")
+
+
+def test_flask_door_reads_only_its_prefix() -> None:
+    from flask import Flask
+
+    from zipmiddleware.flask import Downloads
+
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="x", ZIPSTREAMING=1, CHUNK_SIZE="nonsense", ZIPSTREAM_CHUNK_SIZE="8192")
+    assert Downloads().init_app(app).settings.chunk_size == 8192
+
+
+@pytest.mark.parametrize(
+    ("routes", "message"),
+    [
+        ({"/f/<path:p>": {"root": "/"}}, "^routes\\['/f/<path:p>'\\].resolver: expected a built-in resolver"),
+        (
+            {"/f/<path:p>": {"resolver": "zip"}},
+            "^routes\\['/f/<path:p>'\\].resolver: 'zip' is neither a built-in",
+        ),
+        (
+            {"/f/<path:p>": {"resolver": "directory", "rot": "/"}},
+            "^routes\\['/f/<path:p>'\\].rot: directory takes no such parameter \\(root, argument\\)",
+        ),
+        (
+            {"/f/<path:p>": {"resolver": "directory"}},
+            "^routes\\['/f/<path:p>'\\]: directory takes root, argument: ",
+        ),
+        (
+            {"/f/<path:p>": {"resolver": "directory", "root": "/definitely/not/here"}},
+            "^routes\\['/f/<path:p>'\\].root: '/definitely/not/here' is not an existing directory",
+        ),
+        (
+            {"/f/<int:a>/<int:b>": {"resolver": "directory", "root": "/"}},
+            "^routes\\['/f/<int:a>/<int:b>'\\].argument: say which",
+        ),
+        (
+            {"/f/<int:id>": {"resolver": "sql", "url": "sqlite://", "query": "SELECT 1 WHERE :ident = 1"}},
+            "^routes\\['/f/<int:id>'\\].query: binds ident, which the request does not give",
+        ),
+        ("/f/<p> = { resolver = 'directory', root = '/'", "^routes\\['/f/<p>'\\]: expected a table"),
+    ],
+    ids=lambda v: str(v)[:40],
+)
+def test_resolver_tables_name_the_key(routes: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_settings({"routes": routes})
+
+
+def test_ini_route_table_may_span_lines_and_hold_equals_signs(tmp_path: Path) -> None:
+    database = tmp_path / "app.db"
+    settings = build_settings(
+        {
+            "routes": f"""
+            /requests/<int:id> = {{ resolver = "sql", url = "sqlite:///{database}",
+                query = "SELECT status, path FROM requests
+                         WHERE id = :id AND user_name = :remote_user" }}
+            /files/<path:subpath> = {{ resolver = "directory", root = "{tmp_path}" }}
+            """
+        }
+    )
+    (rule, sql_resolver), (_, directory_resolver) = settings.routes
+    assert rule == "/requests/<int:id>"
+    assert sql_resolver.parameters == {"id", "remote_user"}
+    query = " ".join(str(sql_resolver.statement).split())
+    assert query == "SELECT status, path FROM requests WHERE id = :id AND user_name = :remote_user"
+    assert directory_resolver.root == str(tmp_path)
+
+
+def test_readme_documents_every_key_in_every_door() -> None:
+    from zipmiddleware.config import CONVERTERS, FLASK_NAMES
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## Settings") :]
+    table = table[: table.index("How each door writes a value")]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    documented = {row.split("|")[1].strip().strip("`"): row for row in rows}
+    assert set(documented) == set(CONVERTERS)
+    for key, row in documented.items():
+        assert f"`{FLASK_NAMES[key]}`" in row, f"README: the Flask spelling of {key} is missing"
