@@ -9,12 +9,22 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+import pytest
 
 from .servers import GunicornServer
 
 # The tools print non-ASCII file names; a UTF-8 locale keeps them intact.
 TOOL_ENV = {**os.environ, "LC_ALL": "C.UTF-8"}
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip a test whose server or client program is missing; fail instead where
+    ``ZM_REQUIRE_ALL`` is set (``.ci/run`` sets it: CI installs everything and must run it all)."""
+    if os.environ.get("ZM_REQUIRE_ALL"):
+        pytest.fail(f"{reason} (ZM_REQUIRE_ALL is set, so nothing may be skipped)")
+    pytest.skip(reason)
 
 
 def run(command: list[Any], timeout: float = 30, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:

@@ -33,7 +33,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .clients import TOOL_ENV, read_headers, request, run, sha256, wait_for
+from .clients import TOOL_ENV, read_headers, request, run, sha256, unavailable, wait_for
 from .servers import PROJECT, GunicornServer
 
 pytestmark = pytest.mark.server
@@ -184,7 +184,7 @@ def server(data: Path, caches: Path) -> Iterator[GunicornServer]:
 def tokyo(data: Path, caches: Path) -> Iterator[GunicornServer]:
     """A second server process over the same folder, in Tokyo's time zone (UTC+9)."""
     if not Path("/usr/share/zoneinfo/Asia/Tokyo").exists():
-        pytest.skip("no time zone data for Asia/Tokyo: TZ would silently mean UTC")
+        unavailable("no time zone data for Asia/Tokyo (Debian: tzdata): TZ would silently mean UTC")
     with start_server(data, caches / "tokyo.sqlite", "Asia/Tokyo") as running:
         yield running
 

@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import pytest
 
-from .clients import read_headers, request, run, sha256, wait_for
+from .clients import read_headers, request, run, sha256, unavailable, wait_for
 from .servers import PROJECT, GunicornServer, open_fds
 
 pytestmark = pytest.mark.server
@@ -491,7 +491,7 @@ SENDFILE_RESULT = re.compile(r"sendfile(?:\(| resumed>).*\)\s+=\s+(\d+)")
 def test_direct_file_uses_sendfile(data: Path, tmp_path: Path) -> None:
     strace = shutil.which("strace")
     if strace is None:
-        pytest.skip("strace is not installed: cannot observe sendfile(2)")
+        unavailable("strace is not installed: cannot observe sendfile(2)")
     log = tmp_path / "strace.log"
     wrapper = [strace, "-f", "-qq", "-e", "trace=sendfile", "-e", "signal=none", "-o", str(log)]
     probe = run([strace, "-f", "-qq", "-o", os.devnull, "true"])

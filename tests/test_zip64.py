@@ -54,6 +54,8 @@ from zipmiddleware import ZipEntry, ZipMiddleware, ZipTarget
 from zipmiddleware.planning import ZipPlan
 from zipmiddleware.zipengine import Layout, crc32_combine
 
+from .clients import unavailable
+
 pytestmark = pytest.mark.slow
 
 CHUNK_SIZE = 65536
@@ -573,7 +575,7 @@ def check_bsdtar_stream(output: Path, members: list[Member]) -> None:
 def require_tools() -> None:
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
-        pytest.skip(f"needs {', '.join(missing)} on PATH (Debian: unzip 7zip libarchive-tools)")
+        unavailable(f"needs {', '.join(missing)} on PATH (Debian: unzip p7zip-full libarchive-tools)")
 
 
 @pytest.fixture
