@@ -57,23 +57,23 @@ class DirectoryResolver:
         return f"directory(root={self.root!r})"
 
     def check_arguments(self, names: Collection[str]) -> None:
-        """Called once the rule is known: find the argument that holds the path."""
+        """Called for each rule this resolver serves: one argument must hold the path."""
+        if self.argument is not None and self.argument not in names:
+            raise ConfigError("argument", f"the rule has no argument {self.argument!r}")
+        if self.argument is None and len(names) > 1 and not any(name in names for name in PATH_ARGUMENTS):
+            raise ConfigError("argument", f"say which argument holds the path: {sorted(names)}")
+
+    def subpath(self, args: Mapping[str, Any]) -> str:
+        """The path below root: the named argument, else ``subpath``, ``path`` or the only one."""
         if self.argument is not None:
-            if self.argument not in names:
-                raise ConfigError("argument", f"the rule has no argument {self.argument!r}")
-            return
-        found = [name for name in PATH_ARGUMENTS if name in names]
-        if found:
-            self.argument = found[0]
-        elif len(names) == 1:
-            self.argument = next(iter(names))
-        elif names:
-            raise ConfigError(
-                "argument", f"say which of the rule's arguments holds the path: {sorted(names)}"
-            )
+            return str(args[self.argument])
+        for name in PATH_ARGUMENTS:
+            if name in args:
+                return str(args[name])
+        return str(next(iter(args.values()))) if len(args) == 1 else ""
 
     def __call__(self, request: Request, **args: Any) -> FileTarget | ZipTarget | None:
-        subpath = str(args.get(self.argument, "")) if self.argument else ""
+        subpath = self.subpath(args)
         try:
             path = os.path.realpath(os.path.join(self.root, subpath))
         except ValueError:  # a NUL byte in the path
