@@ -117,13 +117,17 @@ class SQLResolver:
             raise ConfigError("url", f"expected a database URL, got {url!r}")
         try:
             self.url = sqlalchemy.engine.make_url(url)
-            self.url.get_dialect()  # the driver must be importable now, not at the first request
+            self.url.get_dialect().import_dbapi()  # the driver must import now, not at the first request
         except Exception as exc:  # ArgumentError, NoSuchModuleError, ImportError of a driver
             raise ConfigError("url", f"cannot use {_hidden_password(url)!r}: {exc}") from None
         if not isinstance(query, str) or not query.strip():
             raise ConfigError("query", f"expected an SQL query, got {query!r}")
         self.statement = sqlalchemy.text(query)
         self.parameters = frozenset(self.statement.compile().binds)
+        if "remote_user" in self.parameters:  # typed, so that PostgreSQL can compare a NULL
+            self.statement = self.statement.bindparams(
+                sqlalchemy.bindparam("remote_user", type_=sqlalchemy.String)
+            )
         self.root = None if root is None else _real_folder("root", root)
         self.roots = () if self.root is None else (self.root,)
         self._engine: Any = None
