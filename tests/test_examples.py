@@ -231,3 +231,46 @@ def test_plain_wsgi_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     client.get("/files/..%2Foutside.txt", status=403)
     client.get("/files/nothing", status=404)
     assert client.get("/").text.startswith("Try /files/")
+
+
+# -- the README shows what the examples run --------------------------------------------------
+
+
+def readme_block(heading: str) -> str:
+    """The first fenced code block after ``heading`` in README.md."""
+    readme = (PROJECT / "README.md").read_text(encoding="utf-8")
+    after = readme[readme.index(heading) :]
+    start = after.index("```")
+    start = after.index("\n", start) + 1
+    return after[start : after.index("```", start)]
+
+
+@pytest.mark.parametrize(
+    ("heading", "example"),
+    [
+        ("### Plain WSGI", EXAMPLES / "plain_app.py"),
+        ("### Flask", EXAMPLES / "flask_app.py"),
+        ("### Pyramid / PasteDeploy (.ini)", PYRAMID_INI),
+    ],
+    ids=["plain", "flask", "pyramid"],
+)
+def test_readme_setups_are_copied_from_the_examples(heading: str, example: Path) -> None:
+    """Every line of the README's set-up appears in the example the tests run, in the same order."""
+    source = [line.strip() for line in example.read_text(encoding="utf-8").splitlines()]
+    position = 0
+    for line in readme_block(heading).splitlines():
+        if not line.strip():
+            continue
+        assert line.strip() in source[position:], f"README line not in {example.name} (in order): {line!r}"
+        position = source.index(line.strip(), position) + 1
+
+
+def test_readme_gunicorn_settings_are_the_examples() -> None:
+    def settings(code: str) -> dict[str, object]:
+        namespace: dict[str, object] = {}
+        exec(compile(code, "gunicorn.conf.py", "exec"), namespace)
+        return {key: value for key, value in namespace.items() if not key.startswith("__")}
+
+    example = settings((EXAMPLES / "gunicorn.conf.py").read_text(encoding="utf-8"))
+    assert settings(readme_block("### gunicorn")) == example
+    assert example["worker_class"] == "gthread"
