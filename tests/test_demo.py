@@ -31,7 +31,7 @@ from webtest import TestApp
 from .clients import read_headers, run, unavailable, wait_for
 from .clients import request as http_request
 from .demo_server import DemoServer
-from .test_examples import EXAMPLES, EXCLUDED_DIRS, expected_entries, read_zip, sha256
+from .test_examples import EXAMPLES, EXCLUDED_DIRS, download_paths, expected_entries, read_zip, sha256
 from .test_zip64 import crc32_of_zeros
 
 FOUR_GIB = 1 << 32
@@ -155,15 +155,7 @@ def wait_until_prepared(
 
 def download_files(folder: Path) -> dict[str, int]:
     """The files a download of ``folder`` must hold, and their sizes, from the disk (no reading)."""
-    found = {}
-    for path in folder.rglob("*"):
-        rel = path.relative_to(folder)
-        if not path.is_file() or EXCLUDED_DIRS & {part.lower() for part in rel.parts[:-1]}:
-            continue
-        if path.suffix.lower() in (".nfo", ".sfv") or path.name.lower() == "file_id.diz":
-            continue
-        found[rel.as_posix()] = path.stat().st_size
-    return found
+    return {name: path.stat().st_size for name, path in download_paths(folder).items()}
 
 
 class GameRows(HTMLParser):

@@ -43,8 +43,8 @@ def read_zip(body: bytes) -> dict[str, bytes]:
         return {info.filename: archive.read(info) for info in archive.infolist()}
 
 
-def expected_entries(folder: Path) -> dict[str, bytes]:
-    """What a ZIP of ``folder`` must hold: no updates/extras folders, no .nfo/.sfv/file_id.diz."""
+def download_paths(folder: Path) -> dict[str, Path]:
+    """The files a ZIP of ``folder`` must hold: no updates/extras folders, no .nfo/.sfv/file_id.diz."""
     found = {}
     for path in folder.rglob("*"):
         rel = path.relative_to(folder)
@@ -52,8 +52,13 @@ def expected_entries(folder: Path) -> dict[str, bytes]:
             continue
         if path.suffix.lower() in (".nfo", ".sfv") or path.name.lower() == "file_id.diz":
             continue
-        found[rel.as_posix()] = path.read_bytes()
+        found[rel.as_posix()] = path
     return found
+
+
+def expected_entries(folder: Path) -> dict[str, bytes]:
+    """What a ZIP of ``folder`` must hold, entry name -> bytes."""
+    return {name: path.read_bytes() for name, path in download_paths(folder).items()}
 
 
 # -- the Pyramid app through PasteDeploy -------------------------------------------------------
