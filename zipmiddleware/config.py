@@ -169,14 +169,13 @@ def _route_table(key: str, table: Mapping[str, Any]) -> Any:
     """``{ resolver = NAME, **parameters }``: call a built-in or imported factory with them."""
     from .resolvers import BUILT_IN
 
-    BUILT_IN_NAMES = "a built-in resolver (" + ", ".join(BUILT_IN) + ")"
-
+    built_in = "a built-in resolver (" + ", ".join(BUILT_IN) + ")"
     parameters = dict(table)
     name = parameters.pop("resolver", None)
     if not isinstance(name, str) or not name:
         raise ConfigError(
             f"{key}.resolver",
-            f"expected {BUILT_IN_NAMES} or 'package.module:factory', got {name!r}",
+            f"expected {built_in} or 'package.module:factory', got {name!r}",
         )
     factory = BUILT_IN.get(name)
     if factory is None:
@@ -185,7 +184,7 @@ def _route_table(key: str, table: Mapping[str, Any]) -> Any:
         except ImportStringError as exc:
             raise ConfigError(
                 f"{key}.resolver",
-                f"{name!r} is neither {BUILT_IN_NAMES} nor importable: {exc.exception}",
+                f"{name!r} is neither {built_in} nor importable: {exc.exception}",
             ) from None
     try:
         signature = inspect.signature(factory)

@@ -74,7 +74,9 @@ class ZipMiddleware:
         self.planner = Planner(settings)
         # Without a configured store, each process keeps its CRC-32s in memory.
         self.crc_cache = SQLiteCrcCache() if settings.crc_cache is None else settings.crc_cache
-        self._server_checked = check_server_at_startup()
+        # Warned once per process about gunicorn's sync worker: when it loads the app, else at
+        # the first download it serves (see deployment.py).
+        self._warned_about_server = check_server_at_startup()
 
     @classmethod
     def from_settings(cls, app: WSGIApplication, settings: Settings) -> ZipMiddleware:
@@ -94,10 +96,9 @@ class ZipMiddleware:
         match = self.routes.match(environ)
         if match is None:
             return self.app(environ, start_response)
-        if not self._server_checked:  # in case start-up could not tell (see deployment.py)
-            self._server_checked = True
-            if is_sync_worker_request(environ):
-                logger.warning(SYNC_WORKER_WARNING, "30 s by default")
+        if not self._warned_about_server and is_sync_worker_request(environ):
+            self._warned_about_server = True
+            logger.warning(SYNC_WORKER_WARNING, "30 s by default")
         return self.respond(environ, match)(environ, start_response)
 
     def respond(self, environ: WSGIEnvironment, match: Match) -> Response:
