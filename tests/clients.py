@@ -5,9 +5,13 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import signal
+import socket
 import subprocess
 import time
+import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -70,3 +74,76 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
         if time.monotonic() > deadline:
             return False
         time.sleep(interval)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (for servers that must bind it themselves)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def kill_part_way(command: list[Any], output: Path, at_least: int, log: Path, timeout: float = 20) -> int:
+    """Start a download, SIGKILL the client once ``output`` holds ``at_least`` bytes; its size then."""
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=TOOL_ENV
+        )
+        try:
+            wait_for(lambda: size_of(output) >= at_least or process.poll() is not None, timeout, 0.005)
+            assert process.poll() is None, (
+                f"the client ended ({process.returncode}) before it could be killed: {log.read_bytes()!r}"
+            )
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+    assert process.returncode == -signal.SIGKILL
+    return size_of(output)
+
+
+def assert_good_zip(path: Path, files: dict[str, bytes]) -> None:
+    """``unzip -t`` finds no error, and every entry holds what the folder holds."""
+    result = run(["unzip", "-t", path])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert b"No errors detected" in result.stdout
+    with zipfile.ZipFile(path) as opened:
+        assert {info.filename: opened.read(info) for info in opened.infolist()} == files
+
+
+@dataclass(frozen=True)
+class Download:
+    """An uninterrupted download: where it is saved, its hash and its headers."""
+
+    path: Path
+    sha256: str
+    size: int
+    headers: dict[str, list[str]]
+
+
+def curl_download(url: str, folder: Path, name: str) -> Download:
+    """Download ``url`` in one go with curl; it must be a 200 with an exact Content-Length."""
+    path, header_file = folder / name, folder / f"{name}.headers"
+    result = run(["curl", "-sS", "--fail", "--max-time", "20", "-D", header_file, "-o", path, url])
+    assert result.returncode == 0, result.stderr
+    status, headers = read_headers(header_file)
+    assert status == 200
+    assert headers["content-length"] == [str(size_of(path))]
+    return Download(path, sha256_file(path), size_of(path), headers)

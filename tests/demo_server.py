@@ -18,7 +18,6 @@ import http.client
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,15 +25,10 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from .clients import free_port
 from .servers import PROJECT, alive, children, gunicorn_executable
 
 EXAMPLES = PROJECT / "examples"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class DemoServer:

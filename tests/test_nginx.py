@@ -30,15 +30,26 @@ import socket
 import subprocess
 import time
 import uuid
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from .clients import TOOL_ENV, read_headers, run, unavailable, wait_for
+from .clients import (
+    TOOL_ENV,
+    Download,
+    assert_good_zip,
+    curl_download,
+    free_port,
+    kill_part_way,
+    read_headers,
+    run,
+    sha256_file,
+    size_of,
+    unavailable,
+    wait_for,
+)
 from .servers import PROJECT, GunicornServer, alive, children
 
 pytestmark = pytest.mark.server
@@ -280,55 +291,6 @@ def probe_uri(path: str) -> str:
     return f"{path}?probe={uuid.uuid4().hex}"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(MIB):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def size_of(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def assert_good_zip(path: Path) -> None:
-    """``unzip -t`` finds no error, and every entry holds what the folder holds."""
-    result = run(["unzip", "-t", path])
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert b"No errors detected" in result.stdout
-    with zipfile.ZipFile(path) as opened:
-        assert {info.filename: opened.read(info) for info in opened.infolist()} == FILES
-
-
-@dataclass(frozen=True)
-class Download:
-    path: Path
-    sha256: str
-    size: int
-    headers: dict[str, list[str]]
-
-
-def curl_download(url: str, folder: Path, name: str) -> Download:
-    """Download ``url`` in one go with curl; it must be a 200 with an exact Content-Length."""
-    path, header_file = folder / name, folder / f"{name}.headers"
-    result = run(["curl", "-sS", "--fail", "--max-time", "20", "-D", header_file, "-o", path, url])
-    assert result.returncode == 0, result.stderr
-    status, headers = read_headers(header_file)
-    assert status == 200
-    assert headers["content-length"] == [str(size_of(path))]
-    return Download(path, sha256_file(path), size_of(path), headers)
-
-
 # -- fixtures ---------------------------------------------------------------------------
 
 
@@ -376,7 +338,7 @@ def direct_zip(gunicorn: GunicornServer, tmp_path_factory: pytest.TempPathFactor
     )
     assert download.headers["x-accel-buffering"] == ["no"]
     assert download.headers["accept-ranges"] == ["bytes"]
-    assert_good_zip(download.path)
+    assert_good_zip(download.path, FILES)
     return download
 
 
@@ -406,7 +368,7 @@ def test_zip_through_nginx_is_the_same_download(
         assert proxied.headers[name] == direct_zip.headers[name], name
     # nginx acts on X-Accel-Buffering and does not pass it on.
     assert "x-accel-buffering" not in proxied.headers
-    assert_good_zip(proxied.path)
+    assert_good_zip(proxied.path, FILES)
 
 
 @pytest.mark.parametrize("location", [BUFFERED, UNBUFFERED])
@@ -421,25 +383,6 @@ def test_direct_file_through_nginx_is_the_same_download(
 
 
 # -- 2. resuming through nginx --------------------------------------------------------------
-
-
-def kill_part_way(command: list[Any], output: Path, at_least: int, log: Path) -> int:
-    """Start a download, SIGKILL the client once ``output`` holds ``at_least`` bytes; its size then."""
-    with open(log, "wb") as log_file:
-        process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=TOOL_ENV
-        )
-        try:
-            wait_for(lambda: size_of(output) >= at_least or process.poll() is not None, 20, 0.005)
-            assert process.poll() is None, f"the client ended ({process.returncode}): {log.read_bytes()!r}"
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
-    assert process.returncode == -signal.SIGKILL
-    return size_of(output)
 
 
 @pytest.mark.parametrize("location", [BUFFERED, UNBUFFERED])
@@ -468,7 +411,7 @@ def test_curl_resumes_a_killed_zip_download_through_nginx(
     assert headers["etag"] == direct_zip.headers["etag"]
     assert "x-accel-buffering" not in headers
     assert sha256_file(output) == direct_zip.sha256
-    assert_good_zip(output)
+    assert_good_zip(output, FILES)
     # The 206 is gunicorn's: nginx passed the Range header on.
     assert wait_for(lambda: len(nginx.access_entries(uri)) == 2, timeout=5), nginx.logs()
     assert sorted(entry.upstream_status for entry in nginx.access_entries(uri)) == ["200", "206"]

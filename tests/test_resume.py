@@ -9,31 +9,40 @@ starts and stops gunicorn.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import io
 import os
 import random
 import re
-import signal
 import sqlite3
 import subprocess
 import uuid
 import zipfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .clients import TOOL_ENV, read_headers, request, run, sha256, unavailable, wait_for
+from .clients import (
+    Download,
+    assert_good_zip,
+    curl_download,
+    kill_part_way,
+    read_headers,
+    request,
+    run,
+    sha256,
+    sha256_file,
+    size_of,
+    unavailable,
+    wait_for,
+)
 from .servers import PROJECT, GunicornServer
 
 pytestmark = pytest.mark.server
@@ -83,72 +92,6 @@ def write_files(root: Path, files: dict[str, bytes], mtime_ns: int = MTIME_NS) -
         path.write_bytes(data)
         stamp = mtime_ns - number * 3_600_000_000_000  # an hour apart
         os.utime(path, ns=(stamp, stamp))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(MIB):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def size_of(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def kill_part_way(command: list[Any], output: Path, at_least: int, log: Path, timeout: float = 20) -> int:
-    """Start a download, SIGKILL the client once ``output`` holds ``at_least`` bytes; its size then."""
-    with open(log, "wb") as log_file:
-        process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=TOOL_ENV
-        )
-        try:
-            wait_for(lambda: size_of(output) >= at_least or process.poll() is not None, timeout, 0.005)
-            assert process.poll() is None, (
-                f"the client ended ({process.returncode}) before it could be killed: {log.read_bytes()!r}"
-            )
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
-    assert process.returncode == -signal.SIGKILL
-    return size_of(output)
-
-
-def assert_good_zip(path: Path, files: dict[str, bytes]) -> None:
-    """``unzip -t`` finds no error, and every entry holds what the folder holds."""
-    result = run(["unzip", "-t", path])
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert b"No errors detected" in result.stdout
-    with zipfile.ZipFile(path) as opened:
-        assert {info.filename: opened.read(info) for info in opened.infolist()} == files
-
-
-@dataclass(frozen=True)
-class Download:
-    """An uninterrupted download: where it is saved, its hash and its headers."""
-
-    path: Path
-    sha256: str
-    size: int
-    headers: dict[str, list[str]]
-
-
-def curl_download(url: str, folder: Path, name: str) -> Download:
-    """Download ``url`` in one go with curl."""
-    path, header_file = folder / name, folder / f"{name}.headers"
-    result = run(["curl", "-sS", "--fail", "--max-time", "20", "-D", header_file, "-o", path, url])
-    assert result.returncode == 0, result.stderr
-    status, headers = read_headers(header_file)
-    assert status == 200
-    assert headers["content-length"] == [str(size_of(path))]
-    return Download(path, sha256_file(path), size_of(path), headers)
 
 
 # -- fixtures ---------------------------------------------------------------------------
