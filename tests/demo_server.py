@@ -16,22 +16,21 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
 from .clients import free_port
-from .servers import PROJECT, alive, children, gunicorn_executable
+from .servers import PROJECT, ServerProcess, alive, children, gunicorn_executable
 
 EXAMPLES = PROJECT / "examples"
 
 
-class DemoServer:
+class DemoServer(ServerProcess):
+    label = "demo"
+
     def __init__(
         self,
         data: Path,
@@ -76,14 +75,6 @@ class DemoServer:
         if self.process is None:
             return []
         return [pid for pid in children(self.process.pid) if alive(pid)]
-
-    def log(self) -> str:
-        if self._workdir is None:
-            return ""
-        try:
-            return Path(self._workdir, "gunicorn.log").read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def start(self) -> DemoServer:
         self._workdir = tempfile.mkdtemp(prefix="demo-gunicorn-")
@@ -146,22 +137,3 @@ class DemoServer:
             os.killpg(process.pid, signal.SIGKILL)  # workers left behind, if any
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=self.stop_timeout)
-
-    def cleanup(self) -> None:
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
-
-    def __enter__(self) -> DemoServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-        if exc_type is not None:
-            sys.stderr.write(f"--- gunicorn log (demo) ---\n{self.log()[-20000:]}\n")
-        self.cleanup()

@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 PROJECT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -87,7 +88,53 @@ def alive(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
 
 
-class GunicornServer:
+class ServerProcess:
+    """What the test servers share: a private folder holding the server's log, and a
+    ``with`` block that starts the server, stops it, and prints the log's tail if the block failed.
+
+    A subclass sets ``label``, ``_workdir`` (when it starts) and defines ``start()`` and ``stop()``.
+    """
+
+    label = "server"
+    _workdir: str | None = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def log(self) -> str:
+        """Everything gunicorn wrote so far (stdout and stderr)."""
+        if self._workdir is None:
+            return ""
+        try:
+            return Path(self._workdir, "gunicorn.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def cleanup(self) -> None:
+        """Remove the private folder (pid file, log); ``__exit__`` calls it after ``stop()``."""
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        if exc_type is not None:
+            sys.stderr.write(f"--- gunicorn log ({self.label}) ---\n{self.log()[-20000:]}\n")
+        self.cleanup()
+
+
+class GunicornServer(ServerProcess):
     """A gunicorn subprocess serving ``app_spec`` with one gthread worker."""
 
     def __init__(
@@ -105,6 +152,7 @@ class GunicornServer:
         stop_timeout: float = 10.0,
     ) -> None:
         self.app_spec = app_spec
+        self.label = app_spec
         self.pythonpath = [os.fspath(p) for p in pythonpath]
         self.chdir = os.fspath(chdir) if chdir is not None else None
         self.env = dict(env or {})
@@ -140,15 +188,6 @@ class GunicornServer:
         workers = [pid for pid in children(self.master_pid) if alive(pid)] if self.master_pid else []
         self._seen_workers.update(workers)
         return workers
-
-    def log(self) -> str:
-        """Everything gunicorn wrote so far (stdout and stderr)."""
-        if self._workdir is None:
-            return ""
-        try:
-            return Path(self._workdir, "gunicorn.log").read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def start(self) -> GunicornServer:
         """Start gunicorn and wait until it answers; on failure nothing is left running."""
@@ -228,26 +267,6 @@ class GunicornServer:
                     os.kill(pid, signal.SIGKILL)
         self._seen_workers.clear()
         self.process = None
-
-    def cleanup(self) -> None:
-        """Remove the private folder (pid file, log); ``__exit__`` calls it after ``stop()``."""
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
-
-    def __enter__(self) -> GunicornServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-        if exc_type is not None:
-            sys.stderr.write(f"--- gunicorn log ({self.app_spec}) ---\n{self.log()[-20000:]}\n")
-        self.cleanup()
 
     # -- internals -------------------------------------------------------------------
 

@@ -171,14 +171,15 @@ def door_tree(tmp_path: Path) -> Path:
 def settings_by_door(door: str, tree: Path) -> Settings:
     """The same configuration, written as each door takes it."""
     games, more, shared, cache = tree / "games", tree / "more games", tree / "shared", tree / "crc.sqlite"
+    routes = {  # as Python code writes them (keywords, Flask)
+        "/download/<int:game_id>": "tests.test_config:resolve",
+        "/files/<path:subpath>": {"resolver": "directory", "root": str(shared)},
+        "/hello/<name>": {"resolver": "tests.test_config:factory", "greeting": "hi", "times": 2},
+    }
     if door == "keywords":
         return ZipMiddleware(
             plain_app,
-            routes={
-                "/download/<int:game_id>": "tests.test_config:resolve",
-                "/files/<path:subpath>": {"resolver": "directory", "root": str(shared)},
-                "/hello/<name>": {"resolver": "tests.test_config:factory", "greeting": "hi", "times": 2},
-            },
+            routes=routes,
             roots=[str(games), str(more)],
             exclude=["updates", "Old Versions"],
             ignore=["*.nfo", "file_id.diz"],
@@ -256,11 +257,7 @@ routes =
 
         app = Flask(__name__)
         app.config.update(
-            ZIPSTREAM_ROUTES={
-                "/download/<int:game_id>": "tests.test_config:resolve",
-                "/files/<path:subpath>": {"resolver": "directory", "root": str(shared)},
-                "/hello/<name>": {"resolver": "tests.test_config:factory", "greeting": "hi", "times": 2},
-            },
+            ZIPSTREAM_ROUTES=routes,
             ZIPSTREAM_ROOTS=[str(games), str(more)],
             ZIPSTREAM_EXCLUDE=["updates", "Old Versions"],
             ZIPSTREAM_IGNORE=["*.nfo", "file_id.diz"],

@@ -808,38 +808,13 @@ def test_sql_route_on_postgresql_under_gunicorn_with_two_workers(
                     "one.bin": DATA["public/bundle/one.bin"],
                     "two/three.bin": DATA["public/bundle/two/three.bin"],
                 }
-        done = run(
-            [
-                "curl",
-                "-sS",
-                "--max-time",
-                "20",
-                "-o",
-                tmp_path / "file",
-                "-w",
-                "%{http_code}",
-                f"{server.url}/requests/9",
-            ]
-        )
-        assert (done.stdout, (tmp_path / "file").read_bytes()) == (b"200", DATA["public/readme.txt"])
+        assert curl("/requests/9", server, tmp_path / "file") == (200, DATA["public/readme.txt"])
         done = run(
             ["curl", "-sS", "--max-time", "20", "-D", "-", "-o", "/dev/null", f"{server.url}/requests/13"]
         )
         assert b" 202 " in done.stdout and b"Retry-After: 3" in done.stdout
-        done = run(
-            [
-                "curl",
-                "-sS",
-                "--max-time",
-                "20",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                f"{server.url}/requests/1",
-            ]
-        )
-        assert done.stdout == b"404"  # alice's row: no REMOTE_USER here, so the query looks for 'guest'
+        # alice's row: no REMOTE_USER here, so the query looks for 'guest'
+        assert curl("/requests/1", server, tmp_path / "missing")[0] == 404
         assert server.worker_pids() == workers  # no worker died (and was replaced) on the way
         log = server.log()
     assert "Traceback" not in log and "resolver for" not in log, log

@@ -80,13 +80,15 @@ def _roots(key: str, value: Any) -> tuple[str, ...]:
         value = [value]
     if not isinstance(value, str) and isinstance(value, Iterable):
         value = [os.fspath(item) if isinstance(item, os.PathLike) else item for item in value]
-    roots = []
-    for item in _str_list(key, value):
-        real = os.path.realpath(item)
-        if not os.path.isdir(real):
-            raise ConfigError(key, f"{item!r} is not an existing directory")
-        roots.append(real)
-    return tuple(roots)
+    return tuple(real_folder(key, item) for item in _str_list(key, value))
+
+
+def real_folder(key: str, path: str | os.PathLike[str]) -> str:
+    """``path`` with symlinks resolved; it must be an existing folder."""
+    real = os.path.realpath(path)
+    if not os.path.isdir(real):
+        raise ConfigError(key, f"{os.fspath(path)!r} is not an existing directory")
+    return real
 
 
 def _int_in(low: int, high: int) -> Callable[[str, Any], int]:
@@ -167,7 +169,7 @@ def _route_lines(key: str, value: str) -> dict[str, Any]:
 
 def _route_table(key: str, table: Mapping[str, Any]) -> Any:
     """``{ resolver = NAME, **parameters }``: call a built-in or imported factory with them."""
-    from .resolvers import BUILT_IN
+    from .resolvers import BUILT_IN  # resolvers -> planning -> config: imported when needed
 
     built_in = "a built-in resolver (" + ", ".join(BUILT_IN) + ")"
     parameters = dict(table)

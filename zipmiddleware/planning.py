@@ -101,6 +101,11 @@ def close_sources(target: object) -> None:
             close()
 
 
+def is_inside(real: str, root: str) -> bool:
+    """Whether the resolved path ``real`` is ``root`` or lies below it."""
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
 class Planner:
     """Checks targets against one middleware's settings."""
 
@@ -138,7 +143,7 @@ class Planner:
         return real
 
     def inside_roots(self, real: str) -> bool:
-        return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in self.roots)
+        return any(is_inside(real, root) for root in self.roots)
 
     def check_file(self, path: StrPath) -> FileSnapshot:
         """Confine, open and fstat a file; the open proves it is readable now."""

@@ -12,7 +12,6 @@ configured this way needs nothing else.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from collections.abc import Collection, Mapping
@@ -20,10 +19,10 @@ from typing import Any
 
 from werkzeug.wrappers import Request
 
+from .config import real_folder
 from .errors import ConfigError
+from .planning import is_inside
 from .targets import FileTarget, StrPath, ZipTarget
-
-logger = logging.getLogger("zipmiddleware")
 
 # Route arguments a path-serving resolver looks for, in this order, when the rule has several.
 PATH_ARGUMENTS = ("subpath", "path")
@@ -32,10 +31,7 @@ PATH_ARGUMENTS = ("subpath", "path")
 def _real_folder(key: str, root: Any) -> str:
     if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
         raise ConfigError(key, f"expected a folder path, got {root!r}")
-    real = os.path.realpath(root)
-    if not os.path.isdir(real):
-        raise ConfigError(key, f"{os.fspath(root)!r} is not an existing directory")
-    return real
+    return real_folder(key, root)
 
 
 class DirectoryResolver:
@@ -78,7 +74,7 @@ class DirectoryResolver:
             path = os.path.realpath(os.path.join(self.root, subpath))
         except ValueError:  # a NUL byte in the path
             return None
-        if path != self.root and not path.startswith(self.root.rstrip(os.sep) + os.sep):
+        if not is_inside(path, self.root):
             return None
         if os.path.isdir(path):
             return ZipTarget.from_directory(path)
@@ -135,7 +131,7 @@ class SQLResolver:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"sql(url={_hidden_password(str(self.url))!r})"
+        return f"sql(url={self.url.render_as_string(hide_password=True)!r})"
 
     def check_arguments(self, names: Collection[str]) -> None:
         """Every parameter of the query must be a route argument or ``remote_user``."""
