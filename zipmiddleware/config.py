@@ -27,6 +27,9 @@ MIN_LEVEL, MAX_LEVEL = 0, 9
 # over 64 MiB defeats the point of streaming in constant memory.
 MIN_CHUNK, MAX_CHUNK = 1024, 64 * 1024 * 1024
 
+# A day: a longer stall timeout is a mistake (a unit confused), not a wish.
+MAX_SECONDS = 86400
+
 TRUE_STRINGS = {"1", "true", "yes", "on"}
 FALSE_STRINGS = {"0", "false", "no", "off"}
 
@@ -54,6 +57,14 @@ class Settings:
     # Where the CRC-32s of served files are kept (see crccache.py): an SQLite file
     # shared by every worker, or any CrcCache. None: in memory, per process.
     crc_cache: CrcCache | None = None
+    # A client that accepts no bytes for this long (seconds) is dropped and its thread
+    # freed; 0 turns it off. 60 s is nginx's send_timeout: long enough for a mobile link
+    # that drops out for a while, short enough that stalled clients cannot pile up.
+    stall_timeout: float = 60.0
+    # The most file data (bytes) one Range request may read, beyond what it sends, to
+    # learn CRC-32s the cache lacks; a range that needs more gets the whole archive (200).
+    # 64 MiB: four times the CRC checkpoint interval, so an honest resume always fits.
+    cold_range_limit: int = 64 * 1024 * 1024
 
 
 def _is_str_list(value: Any) -> bool:
@@ -105,6 +116,37 @@ def _int_in(low: int, high: int) -> Callable[[str, Any], int]:
         return value
 
     return convert
+
+
+def _seconds(key: str, value: Any) -> float:
+    """A duration in seconds, 0 or more (0 turns the feature off)."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip().removesuffix("s").strip())
+        except ValueError:
+            raise ConfigError(key, f"expected a number of seconds, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ConfigError(key, f"expected a number of seconds, got {value!r}")
+    if not 0 <= value <= MAX_SECONDS:
+        raise ConfigError(key, f"expected 0 to {MAX_SECONDS} seconds, got {value}")
+    return float(value)
+
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}
+
+
+def _bytes(key: str, value: Any) -> int:
+    """A size in bytes: a whole number, or a string such as ``"64 MiB"``."""
+    if isinstance(value, str):
+        text = value.strip().lower().replace("_", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz ").strip()
+        unit = text[len(number) :].strip()
+        if unit not in SIZE_UNITS or not number.isdigit():
+            raise ConfigError(key, f"expected a size in bytes such as 67108864 or '64 MiB', got {value!r}")
+        value = int(number) * SIZE_UNITS[unit]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(key, f"expected a size in bytes (0 or more), got {value!r}")
+    return value
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -261,6 +303,8 @@ CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "compression_level": _int_in(MIN_LEVEL, MAX_LEVEL),
     "zip64": _bool,
     "crc_cache": _crc_cache,
+    "stall_timeout": _seconds,
+    "cold_range_limit": _bytes,
 }
 
 

@@ -53,6 +53,8 @@ class ZipMiddleware:
         compression_level: int | str = Settings.compression_level,
         zip64: bool | str = Settings.zip64,
         crc_cache: CrcCache | str | os.PathLike[str] | None = None,
+        stall_timeout: float | str = Settings.stall_timeout,
+        cold_range_limit: int | str = Settings.cold_range_limit,
         **unknown: Any,
     ) -> None:
         options = {
@@ -64,6 +66,8 @@ class ZipMiddleware:
             "compression_level": compression_level,
             "zip64": zip64,
             "crc_cache": crc_cache,
+            "stall_timeout": stall_timeout,
+            "cold_range_limit": cold_range_limit,
         }
         self._setup(app, build_settings({**options, **unknown}))
 
