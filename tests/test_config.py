@@ -187,6 +187,8 @@ def settings_by_door(door: str, tree: Path) -> Settings:
             compression_level=6,
             zip64=False,
             crc_cache=str(cache),
+            stall_timeout=12.5,
+            cold_range_limit=1048576,
         ).settings
     if door == "toml":
         config = tree / "zipmiddleware.toml"
@@ -200,6 +202,8 @@ chunk_size = 131072
 compression_level = 6
 zip64 = false
 crc_cache = "{cache}"
+stall_timeout = 12.5
+cold_range_limit = "1 MiB"
 
 [zipmiddleware.routes]
 "/download/<int:game_id>" = "tests.test_config:resolve"
@@ -239,6 +243,8 @@ chunk_size = 131072
 compression_level = 6
 zip64 = false
 crc_cache = {cache}
+stall_timeout = 12.5
+cold_range_limit = 1MiB
 routes =
     /download/<int:game_id> = tests.test_config:resolve
     /files/<path:subpath> = {{ resolver = "directory",
@@ -265,6 +271,8 @@ routes =
             ZIPSTREAM_COMPRESSION_LEVEL=6,
             ZIPSTREAM_ENABLE_ZIP64=False,
             ZIPSTREAM_CRC_CACHE=str(cache),
+            ZIPSTREAM_STALL_TIMEOUT=12.5,
+            ZIPSTREAM_COLD_RANGE_LIMIT=1048576,
         )
         return Downloads().init_app(app).settings
     raise AssertionError(door)
@@ -294,6 +302,8 @@ def test_every_door_gives_the_same_settings(door: str, door_tree: Path) -> None:
         "compression_level": 6,
         "zip64": False,
         "crc_cache": str(door_tree / "crc.sqlite"),
+        "stall_timeout": 12.5,
+        "cold_range_limit": 1048576,
     }
 
 
