@@ -5,16 +5,20 @@ before the first byte, so that any problem is still a proper HTTP error.
 from __future__ import annotations
 
 import calendar
+import errno
 import fnmatch
 import logging
 import os
 import stat
+import threading
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
 
 from .config import Settings
+from .confinement import Opened, OutsideRootsError, WrongKindError, open_inside
 from .errors import RefusedError
 from .names import NameTable, display_name, safe_arcname
 from .targets import FileTarget, PathTarget, StrPath, ZipEntry, ZipTarget
@@ -27,9 +31,9 @@ DOS_MIN = calendar.timegm((1980, 1, 1, 0, 0, 0))
 DOS_MAX = calendar.timegm((2107, 12, 31, 23, 59, 58))
 DateTime = tuple[int, int, int, int, int, int]
 
-# O_NONBLOCK: opening a FIFO swapped in for a file must not hang the worker.
-# O_NOFOLLOW: the path is already resolved; a symlink appearing now is a race.
-OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+# Where a file that was confined once may be reopened: anywhere, since ``reopen`` then
+# demands the very inode (device and inode number) that was found inside a root.
+ANYWHERE = (os.sep,)
 
 NOT_FOUND = "Not Found: this download does not exist."
 FORBIDDEN = "Forbidden: this download is not available."
@@ -57,13 +61,18 @@ class FileSnapshot:
 
 
 def reopen(file: FileSnapshot) -> int:
-    """Open a checked file again: ``OSError`` unless it is still the very file that was checked."""
-    fd = os.open(file.path, OPEN_FLAGS)
-    st = os.fstat(fd)
+    """Open a checked file again: ``OSError`` unless it is still the very file that was checked.
+
+    The snapshot's device and inode were read from a descriptor proven to lie inside a
+    root (see :mod:`.confinement`); whatever the path leads to now, only that inode, with
+    the same size and mtime, is accepted.
+    """
+    opened = open_inside(file.path, ANYWHERE, folder=False)
+    st = opened.st
     if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != file.identity:
-        os.close(fd)
+        os.close(opened.fd)
         raise OSError(f"{file.path!r} changed since it was checked")
-    return fd
+    return opened.fd
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,16 @@ class PlannedEntry:
 class ZipPlan:
     entries: tuple[PlannedEntry, ...]
     download_name: str
+    # What responses derive from the entries (layout, validators), computed once per plan:
+    # concurrent requests for the same folder share the plan, and so these too.
+    derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+
+    def memo(self, name: str, compute: Callable[[], Any]) -> Any:
+        with self.lock:
+            if name not in self.derived:
+                self.derived[name] = compute()
+            return self.derived[name]
 
 
 Plan = FilePlan | ZipPlan
@@ -101,76 +120,138 @@ def close_sources(target: object) -> None:
             close()
 
 
-def is_inside(real: str, root: str) -> bool:
-    """Whether the resolved path ``real`` is ``root`` or lies below it."""
-    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+T = TypeVar("T")
+
+
+class _Call(Generic[T]):
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: T | None = None
+        self.error: BaseException | None = None
+
+
+class SharedWork(Generic[T]):
+    """Concurrent calls with the same key share one computation, its result or its error.
+
+    A folder of 50,000 files takes seconds to walk and tens of MB to hold; sixteen
+    requests for it at once must not walk it sixteen times.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[Hashable, _Call[T]] = {}
+
+    def run(self, key: Hashable, compute: Callable[[], T]) -> T:
+        with self._lock:
+            call = self._running.get(key)
+            leader = call is None
+            if call is None:
+                call = self._running[key] = _Call()
+        if not leader:
+            call.done.wait()
+            if call.error is not None:
+                raise call.error
+            return call.result  # type: ignore[return-value]
+        try:
+            call.result = compute()
+            return call.result
+        except BaseException as exc:
+            call.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._running[key]
+            call.done.set()
+
+
+def refusal(exc: OSError, what: str) -> RefusedError:
+    """The HTTP answer to a file or folder that cannot be opened inside the roots."""
+    if isinstance(exc, OutsideRootsError):
+        return RefusedError(403, FORBIDDEN, f"{what} resolves outside the roots ({exc})")
+    if isinstance(exc, (WrongKindError, FileNotFoundError, NotADirectoryError)) or exc.errno == errno.ELOOP:
+        return RefusedError(404, NOT_FOUND, f"{what} is not a file or folder to serve ({exc})")
+    if isinstance(exc, PermissionError):
+        return RefusedError(403, FORBIDDEN, f"{what} is not readable")
+    return RefusedError(500, SERVER_ERROR, f"{what} cannot be opened: {exc}")
 
 
 class Planner:
-    """Checks targets against one middleware's settings."""
+    """Checks targets against one middleware's settings.
+
+    Every file and folder is opened first and judged by where its descriptor really lies
+    (:func:`.confinement.open_inside`), never by a path checked beforehand.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.roots = settings.roots
         self.exclude = frozenset(name.casefold() for name in settings.exclude)
         self.ignore = tuple(pattern.casefold() for pattern in settings.ignore)
+        self.shared: SharedWork[Plan] = SharedWork()
 
     # -- entry point -------------------------------------------------------------
 
-    def plan(self, target: FileTarget | ZipTarget | PathTarget) -> Plan:
+    def plan(self, target: FileTarget | ZipTarget | PathTarget, roots: tuple[str, ...] | None = None) -> Plan:
+        """Check ``target``; ``roots`` narrows the middleware's roots (a resolver's own root)."""
+        roots = roots or self.roots
         if isinstance(target, ZipTarget) and target.directory is None:
-            return ZipPlan(self.plan_entries(target.entries), target.download_name or "download.zip")
-        path = target.directory if isinstance(target, ZipTarget) else target.path
-        assert path is not None
-        real = self.confine(path)
-        if not isinstance(target, FileTarget) and os.path.isdir(real):
-            return self.plan_directory(real, target.download_name)
-        name = target.download_name or os.path.basename(os.fspath(path).rstrip(os.sep))
+            return ZipPlan(self.plan_entries(target.entries, roots), target.download_name or "download.zip")
+        given = target.directory if isinstance(target, ZipTarget) else target.path
+        assert given is not None
+        path = self.absolute(given, roots)
+        only_file = isinstance(target, FileTarget)
         mimetype = target.mimetype if isinstance(target, FileTarget) else None
-        return FilePlan(self.snapshot(real), display_name(name), mimetype)
+        key = (path, only_file, target.download_name, mimetype, roots)
+        return self.shared.run(
+            key, lambda: self.plan_path(path, only_file, target.download_name, mimetype, roots)
+        )
+
+    @staticmethod
+    def absolute(path: StrPath, roots: tuple[str, ...]) -> str:
+        """Relative paths are relative to the first root."""
+        if not roots:
+            raise RefusedError(500, SERVER_ERROR, "no 'roots' configured: refusing to serve a path")
+        path = os.fspath(path)
+        return path if os.path.isabs(path) else os.path.join(roots[0], path)
+
+    def plan_path(
+        self,
+        path: str,
+        only_file: bool,
+        download_name: str | None,
+        mimetype: str | None,
+        roots: tuple[str, ...],
+    ) -> Plan:
+        opened = self.open(path, roots, folder=False if only_file else None)
+        try:
+            if stat.S_ISDIR(opened.st.st_mode):
+                return self.plan_directory(opened, download_name, roots)
+        finally:
+            os.close(opened.fd)
+        name = download_name or os.path.basename(path.rstrip(os.sep))
+        return FilePlan(FileSnapshot.of(opened.real, opened.st), display_name(name), mimetype)
 
     # -- confinement and checks ----------------------------------------------------
 
-    def confine(self, path: StrPath) -> str:
-        """The real path of ``path``, refused unless it is inside a configured root."""
-        if not self.roots:
-            raise RefusedError(500, SERVER_ERROR, "no 'roots' configured: refusing to serve a path")
-        path = os.fspath(path)
-        if not os.path.isabs(path):  # relative paths are relative to the first root
-            path = os.path.join(self.roots[0], path)
-        real = os.path.realpath(path)
-        if not self.inside_roots(real):
-            raise RefusedError(403, FORBIDDEN, f"{path!r} resolves outside the roots to {real!r}")
-        return real
-
-    def inside_roots(self, real: str) -> bool:
-        return any(is_inside(real, root) for root in self.roots)
-
-    def check_file(self, path: StrPath) -> FileSnapshot:
-        """Confine, open and fstat a file; the open proves it is readable now."""
-        return self.snapshot(self.confine(path))
-
     @staticmethod
-    def snapshot(real: str) -> FileSnapshot:
-        """Open and fstat an already confined real path."""
+    def open(path: str, roots: tuple[str, ...], folder: bool | None = False) -> Opened:
+        """Open ``path`` inside ``roots``, or the :class:`RefusedError` that answers the request."""
         try:
-            fd = os.open(real, OPEN_FLAGS)
-        except (FileNotFoundError, NotADirectoryError):
-            raise RefusedError(404, NOT_FOUND, f"{real!r} does not exist") from None
-        except PermissionError:
-            raise RefusedError(403, FORBIDDEN, f"{real!r} is not readable") from None
+            return open_inside(path, roots, folder=folder)
+        except ValueError:  # a NUL byte in the path
+            raise RefusedError(404, NOT_FOUND, f"{path!r} is not a valid path") from None
         except OSError as exc:
-            raise RefusedError(500, SERVER_ERROR, f"{real!r} cannot be opened: {exc}") from None
-        try:
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise RefusedError(404, NOT_FOUND, f"{real!r} is not a regular file")
-        return FileSnapshot.of(real, st)
+            raise refusal(exc, repr(path)) from None
+
+    def check_file(self, path: StrPath, roots: tuple[str, ...] | None = None) -> FileSnapshot:
+        """Open and fstat a file inside the roots; the open proves it is readable now."""
+        roots = roots or self.roots
+        opened = self.open(self.absolute(path, roots), roots)
+        os.close(opened.fd)
+        return FileSnapshot.of(opened.real, opened.st)
 
     # -- explicit entries ------------------------------------------------------------
 
-    def plan_entries(self, entries: Iterable[ZipEntry]) -> tuple[PlannedEntry, ...]:
+    def plan_entries(self, entries: Iterable[ZipEntry], roots: tuple[str, ...]) -> tuple[PlannedEntry, ...]:
         names = NameTable()
         planned = []
         for entry in entries:
@@ -179,7 +260,7 @@ class Planner:
                 raise RefusedError(500, SERVER_ERROR, f"entry name {entry.arcname!r} is empty once made safe")
             arcname = names.add(arcname)
             if entry.path is not None:
-                file = self.check_file(entry.path)
+                file = self.check_file(entry.path, roots)
                 mtime = file.mtime if entry.mtime is None else _timestamp(entry.mtime)
                 planned.append(PlannedEntry(arcname, dos_date_time(mtime), file=file, size=file.size))
             else:
@@ -193,10 +274,10 @@ class Planner:
 
     # -- folders ---------------------------------------------------------------------
 
-    def plan_directory(self, real: str, download_name: str | None) -> Plan:
-        found = self.walk(real)
+    def plan_directory(self, top: Opened, download_name: str | None, roots: tuple[str, ...]) -> Plan:
+        found = self.walk(top, roots)
         if not found:
-            raise RefusedError(404, NOT_FOUND, f"{real!r} holds no file to download")
+            raise RefusedError(404, NOT_FOUND, f"{top.real!r} holds no file to download")
         if len(found) == 1:  # one file: send it as it is, under its own name
             rel, file = found[0]
             return FilePlan(file, display_name(os.path.basename(rel)))
@@ -205,60 +286,127 @@ class Planner:
             PlannedEntry(names.add(safe_arcname(rel)), dos_date_time(file.mtime), file=file, size=file.size)
             for rel, file in found
         )
-        return ZipPlan(entries, download_name or display_name(os.path.basename(real)) + ".zip")
+        return ZipPlan(entries, download_name or display_name(os.path.basename(top.real)) + ".zip")
 
-    def walk(self, top: str) -> list[tuple[str, FileSnapshot]]:
-        """Files under ``top`` sorted by relative path, after exclude/ignore and confinement.
+    def walk(self, top: Opened, roots: tuple[str, ...]) -> list[tuple[str, FileSnapshot]]:
+        """Files under the open folder ``top`` sorted by relative path, after exclude/ignore.
 
-        Symlinks are followed only where they resolve inside a root; others are
-        skipped and logged. A folder reached twice (a symlink loop) is walked once.
+        Each child is opened relative to its folder's descriptor and judged by where it
+        really lies: symlinks are followed only where they resolve inside a root. A folder
+        reached twice (a symlink loop) is walked once. Anything that cannot be served (a
+        link outside or in a loop, a dangling link, a FIFO, socket or device, an unreadable
+        file or subfolder) is skipped and logged; only an unreadable ``top`` is refused.
         """
         found: list[tuple[str, FileSnapshot]] = []
-        seen = {top}
-        pending = [(top, "")]
-        while pending:
-            folder, prefix = pending.pop()
-            try:
-                with os.scandir(folder) as scan:
-                    children = list(scan)
-            except PermissionError:
-                raise RefusedError(403, FORBIDDEN, f"folder {folder!r} is not readable") from None
-            except OSError as exc:
-                raise RefusedError(500, SERVER_ERROR, f"folder {folder!r} cannot be listed: {exc}") from None
-            for child in children:
-                rel = prefix + child.name
-                # ``folder`` is a real path, so only a symlink child needs resolving.
-                real = os.path.realpath(child.path) if child.is_symlink() else child.path
-                if child.is_dir():
-                    if child.name.casefold() in self.exclude:
-                        continue
-                    if not self.inside_roots(real):
-                        logger.warning("skipping folder %r: it resolves outside the roots", child.path)
-                    elif real in seen:
-                        logger.warning("skipping folder %r: already walked (symlink loop?)", child.path)
-                    else:
-                        seen.add(real)
-                        pending.append((real, rel + "/"))
-                elif child.is_file():
-                    if self.ignored(child.name):
-                        continue
-                    if not self.inside_roots(real):
-                        logger.warning("skipping file %r: it resolves outside the roots", child.path)
-                        continue
-                    try:
-                        found.append((rel, self.snapshot(real)))
-                    except RefusedError as exc:
-                        if exc.status != 404:
-                            raise
-                        logger.info("skipping file %r: it vanished during the walk", child.path)
-                else:
-                    logger.info("skipping %r: not a regular file or folder", child.path)
+        seen = {(top.st.st_dev, top.st.st_ino)}
+        pending: list[tuple[str, os.stat_result, str]] = []
+        folder_fd: int | None = top.fd
+        prefix = ""
+        while True:
+            if folder_fd is not None:
+                try:
+                    with os.scandir(folder_fd) as scan:
+                        children = list(scan)
+                except OSError as exc:
+                    if folder_fd == top.fd:
+                        raise refusal(exc, f"folder {top.real!r}") from None
+                    logger.warning("skipping folder %r: it cannot be listed (%s)", prefix, exc)
+                    children = []
+                for child in children:
+                    self.visit(child, folder_fd, prefix, roots, seen, pending, found)
+                if folder_fd != top.fd:
+                    os.close(folder_fd)
+            if not pending:
+                break
+            real, st, prefix = pending.pop()
+            folder_fd = self.reopen_folder(real, st, roots)
         found.sort(key=lambda item: item[0])
         return found
+
+    def visit(
+        self,
+        child: os.DirEntry[str],
+        folder_fd: int,
+        prefix: str,
+        roots: tuple[str, ...],
+        seen: set[tuple[int, int]],
+        pending: list[tuple[str, os.stat_result, str]],
+        found: list[tuple[str, FileSnapshot]],
+    ) -> None:
+        """Judge one folder entry: queue a subfolder, record a file, or skip and log it."""
+        rel = prefix + child.name
+        try:  # the entry's own type, from the listing (no system call but for odd filesystems)
+            if not child.is_symlink():
+                if child.is_dir(follow_symlinks=False):
+                    if child.name.casefold() in self.exclude:
+                        return
+                elif child.is_file(follow_symlinks=False):
+                    if self.ignored(child.name):
+                        return
+                else:
+                    logger.info("skipping %r: not a regular file or folder", rel)
+                    return
+            opened = open_inside(child.name, roots, folder=None, dir_fd=folder_fd)
+        except OSError as exc:
+            if isinstance(exc, PermissionError) and not _is_folder(child):
+                # A file the archive should hold but cannot: refuse the download rather
+                # than send one that silently lacks it (an unreadable subfolder is skipped).
+                raise refusal(exc, repr(rel)) from None
+            _log_skipped(rel, exc)
+            return
+        os.close(opened.fd)
+        st = opened.st
+        if stat.S_ISDIR(st.st_mode):
+            if child.name.casefold() in self.exclude:  # a symlink named like an excluded folder
+                return
+            if (st.st_dev, st.st_ino) in seen:
+                logger.warning("skipping folder %r: already walked (symlink loop?)", rel)
+                return
+            seen.add((st.st_dev, st.st_ino))
+            pending.append((opened.real, st, rel + "/"))
+        elif not self.ignored(child.name):
+            found.append((rel, FileSnapshot.of(opened.real, st)))
+
+    @staticmethod
+    def reopen_folder(real: str, st: os.stat_result, roots: tuple[str, ...]) -> int | None:
+        """A queued subfolder's descriptor, if it is still the folder that was found."""
+        try:
+            opened = open_inside(real, roots, folder=True)
+        except OSError as exc:
+            _log_skipped(real, exc)
+            return None
+        if (opened.st.st_dev, opened.st.st_ino) != (st.st_dev, st.st_ino):
+            os.close(opened.fd)
+            logger.warning("skipping folder %r: it was replaced during the walk", real)
+            return None
+        return opened.fd
 
     def ignored(self, name: str) -> bool:
         folded = name.casefold()
         return any(fnmatch.fnmatchcase(folded, pattern) for pattern in self.ignore)
+
+
+def _is_folder(child: os.DirEntry[str]) -> bool:
+    try:
+        return child.is_dir()
+    except OSError:
+        return False
+
+
+def _log_skipped(rel: str, exc: OSError) -> None:
+    """Why a folder entry is left out of an archive, at the level it deserves."""
+    if isinstance(exc, OutsideRootsError):
+        logger.warning("skipping %r: it resolves outside the roots", rel)
+    elif isinstance(exc, WrongKindError):
+        logger.info("skipping %r: not a regular file or folder", rel)
+    elif isinstance(exc, FileNotFoundError):
+        logger.info("skipping %r: it vanished during the walk, or is a dangling link", rel)
+    elif exc.errno == errno.ELOOP:
+        logger.warning("skipping %r: a symlink loop", rel)
+    elif isinstance(exc, PermissionError):
+        logger.warning("skipping %r: not readable", rel)
+    else:
+        logger.warning("skipping %r: %s", rel, exc)
 
 
 def _timestamp(value: float | datetime) -> float:

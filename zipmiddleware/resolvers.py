@@ -20,8 +20,8 @@ from typing import Any
 from werkzeug.wrappers import Request
 
 from .config import real_folder
+from .confinement import is_inside
 from .errors import ConfigError
-from .planning import is_inside
 from .targets import FileTarget, StrPath, ZipTarget
 
 # Route arguments a path-serving resolver looks for, in this order, when the rule has several.
@@ -45,6 +45,9 @@ class DirectoryResolver:
     def __init__(self, root: StrPath, argument: str | None = None) -> None:
         self.root = _real_folder("root", root)
         self.roots = (self.root,)
+        # What it returns is opened inside this root only, not any of the middleware's roots,
+        # so that a symlink swapped in cannot lead one route into another route's files.
+        self.confine_to = self.roots
         if argument is not None and not isinstance(argument, str):
             raise ConfigError("argument", f"expected the name of a route argument, got {argument!r}")
         self.argument = argument
@@ -72,7 +75,7 @@ class DirectoryResolver:
         subpath = self.subpath(args)
         try:
             path = os.path.realpath(os.path.join(self.root, subpath))
-        except ValueError:  # a NUL byte in the path
+        except (ValueError, OSError):  # a NUL byte; a link replaced by a folder while it was read
             return None
         if not is_inside(path, self.root):
             return None
