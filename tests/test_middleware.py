@@ -375,7 +375,10 @@ def test_everything_is_closed_on_early_disconnect(games: Path) -> None:
             ]
         )
 
-    middleware = ZipMiddleware(plain_app, routes={"/d/<name>": resolve}, roots=[games], chunk_size=4096)
+    # In memory: a CRC-32 store's connection is the process's, opened once, not the download's.
+    middleware = ZipMiddleware(
+        plain_app, routes={"/d/<name>": resolve}, roots=[games], chunk_size=4096, crc_cache=":memory:"
+    )
     baseline = open_fds()
     for stop_after in range(0, 8):
         statuses, body = call(middleware)
@@ -392,7 +395,7 @@ def test_everything_is_closed_when_a_source_fails(games: Path) -> None:
     resolve = lambda request, name: ZipTarget(  # noqa: E731
         [ZipEntry("a.pak", path=games / "quake/id1/pak0.pak"), ZipEntry("b", source=source)]
     )
-    middleware = ZipMiddleware(plain_app, routes={"/d/<name>": resolve}, roots=[games])
+    middleware = ZipMiddleware(plain_app, routes={"/d/<name>": resolve}, roots=[games], crc_cache=":memory:")
     baseline = open_fds()
     statuses, body = call(middleware)
     assert statuses == ["200 OK"]
@@ -401,6 +404,34 @@ def test_everything_is_closed_when_a_source_fails(games: Path) -> None:
             pass
     body.close()
     assert source.closed and open_fds() == baseline
+
+
+def test_every_file_is_closed_when_a_stored_archive_is_cut_anywhere(games: Path, tmp_path: Path) -> None:
+    """A stored archive of files is sent as a range of its layout (the full download is
+    [0, length)); cut after any chunk, and as ranges, it leaves no file open."""
+    cache = tmp_path / "crc.sqlite"
+    middleware = ZipMiddleware(
+        plain_app,
+        routes={"/d/<name>": lambda request, name: ZipTarget.from_directory(games / "quake")},
+        roots=[games],
+        chunk_size=1024,
+        crc_cache=str(cache),
+        exclude=["updates"],
+    )
+    statuses, body = call(middleware)  # once whole: the store's connection is opened now
+    whole = b"".join(body)
+    body.close()
+    baseline = open_fds()
+    for ranged in (None, "bytes=3000-", "bytes=-600"):
+        for stop_after in range(0, 12):
+            environ = EnvironBuilder(path="/d/x", headers={"Range": ranged} if ranged else {}).get_environ()
+            body = middleware(environ, lambda *args, **kwargs: None)
+            iterator = iter(body)
+            for _ in range(stop_after):
+                next(iterator, None)
+            body.close()
+            assert open_fds() == baseline, (ranged, stop_after)
+    assert read_zip(whole)
 
 
 def test_sources_are_closed_when_the_download_is_refused(games: Path) -> None:

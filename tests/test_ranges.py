@@ -18,6 +18,7 @@ from werkzeug.http import http_date
 from werkzeug.test import Client, EnvironBuilder, TestResponse
 
 from zipmiddleware import ConfigError, ZipEntry, ZipMiddleware, ZipTarget
+from zipmiddleware.config import Settings
 from zipmiddleware.crccache import SQLiteCrcCache
 from zipmiddleware.errors import StreamError
 from zipmiddleware.planning import PlannedEntry, Planner, dos_date_time
@@ -160,7 +161,7 @@ def test_length_and_random_slices_match_the_full_body(tmp_path_factory, files, d
     body = full.data
     assert full.headers["Content-Length"] == str(len(body))
     read_zip(body)
-    layout = Layout(Planner(cached.application.settings).plan_directory(str(root), None).entries)  # type: ignore[attr-defined,union-attr]
+    layout = Layout(Planner(cached.application.settings).plan(ZipTarget.from_directory(root)).entries)  # type: ignore[attr-defined,union-attr]
     assert layout.length == len(body)
     # Offsets inside every kind of record: local headers, data, descriptors, the directory, the end.
     marks = [0, len(body) - 1, layout.directory_offset, len(body) - 22]
@@ -279,7 +280,7 @@ def test_a_range_near_the_end_reads_little_once_the_cache_is_warm(forty: Path) -
 
 def test_a_cold_range_reads_only_what_its_crcs_need(forty: Path) -> None:
     client = client_for(forty)
-    layout = Layout(Planner(client.application.settings).plan_directory(str(forty), None).entries)  # type: ignore[attr-defined,union-attr]
+    layout = Layout(Planner(client.application.settings).plan(ZipTarget.from_directory(forty)).entries)  # type: ignore[attr-defined,union-attr]
     # Inside the data of entry 20, ending before its descriptor: no CRC-32 needed.
     start = layout.data_offsets[20] + 1000
     before = rchar()
@@ -302,9 +303,9 @@ def test_full_download_and_ranges_fill_the_cache(forty: Path, tmp_path: Path) ->
     client = client_for(forty, crc_cache=str(path))
     get(client, Range="bytes=0-10")  # a range that reads no whole file learns nothing
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT count(*) FROM crc32").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM file_crc").fetchone() == (0,)
     body = get(client).data
-    rows = sqlite3.connect(path).execute("SELECT size, crc FROM crc32").fetchall()
+    rows = sqlite3.connect(path).execute("SELECT size, crc FROM file_crc").fetchall()
     expected = {(p.stat().st_size, zlib.crc32(p.read_bytes())) for p in forty.iterdir()}
     assert set(rows) == expected and len(rows) == 40
     # Another middleware (another worker) on the same file starts warm.
@@ -367,7 +368,7 @@ def test_cache_is_safe_with_several_processes_and_threads(tmp_path: Path) -> Non
         thread.join()
     assert [p.wait(timeout=60) for p in processes] == [0, 0, 0, 0]
     assert not errors
-    count = sqlite3.connect(path).execute("SELECT count(*) FROM crc32").fetchone()[0]
+    count = sqlite3.connect(path).execute("SELECT count(*) FROM file_crc").fetchone()[0]
     assert count == 8 * 50 * 20
 
 
@@ -388,7 +389,8 @@ def test_cache_reconnects_after_fork(tmp_path: Path) -> None:
 
 def entries_of(root: Path) -> tuple[PlannedEntry, ...]:
     files = sorted(p for p in root.rglob("*") if p.is_file())
-    snapshots = [Planner.snapshot(str(p)) for p in files]
+    planner = Planner(Settings(roots=(str(root),)))
+    snapshots = [planner.check_file(p) for p in files]
     return tuple(
         PlannedEntry(p.relative_to(root).as_posix(), dos_date_time(s.mtime), file=s, size=s.size)
         for p, s in zip(files, snapshots, strict=True)

@@ -17,7 +17,8 @@ from typing import Any
 
 from werkzeug.utils import ImportStringError, import_string
 
-from .crccache import CrcCache, SQLiteCrcCache
+from .crccache import MEMORY, CrcCache, SQLiteCrcCache
+from .deployment import gunicorn_config
 from .errors import ConfigError
 from .routing import Resolver, load_resolver, rule_arguments
 
@@ -132,7 +133,16 @@ def _seconds(key: str, value: Any) -> float:
     return float(value)
 
 
-SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}
+SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gib": 1024**3,
+}
 
 
 def _bytes(key: str, value: Any) -> int:
@@ -281,17 +291,41 @@ def _routes(key: str, value: Any) -> tuple[tuple[str, Resolver], ...]:
 
 
 def _crc_cache(key: str, value: Any) -> CrcCache | None:
-    """An SQLite file path, or an object with ``get_many``/``put_many``; empty or None: in memory."""
+    """An SQLite file path, ``":memory:"``, or an object with ``get_many``/``put_many``.
+
+    Empty or None: the default, a per-user file chosen by each worker (see crccache.py).
+    A path is checked now, by writing to it as the user gunicorn's workers will run as.
+    """
     if value is None or value == "":
         return None
+    if value == MEMORY:
+        return SQLiteCrcCache(MEMORY)
     if isinstance(value, (str, os.PathLike)):
         try:
-            return SQLiteCrcCache(value)
+            cache = SQLiteCrcCache(value)
+            cache.check_writable_as(_worker_user())
         except (ValueError, OSError, sqlite3.Error) as exc:
-            raise ConfigError(key, f"expected a usable SQLite file path: {exc}") from None
+            raise ConfigError(key, f"expected an SQLite file the workers can write: {exc}") from None
+        return cache
     if isinstance(value, CrcCache):
         return value
     raise ConfigError(key, f"expected a file path or an object with get_many and put_many, got {value!r}")
+
+
+def _worker_user() -> Callable[[], None] | None:
+    """If gunicorn is loading the app as one user for workers that run as another
+    (``--user``/``--group``), what makes a process that user, exactly as gunicorn does."""
+    cfg = gunicorn_config()
+    if cfg is None:
+        return None
+    try:
+        uid, gid, initgroups = cfg.uid, cfg.gid, cfg.initgroups
+        from gunicorn.util import set_owner_process  # type: ignore[import-untyped]
+    except Exception:  # a gunicorn we do not know: check as this process
+        return None
+    if (uid, gid) == (os.geteuid(), os.getegid()):
+        return None
+    return lambda: set_owner_process(uid, gid, initgroups=initgroups)
 
 
 CONVERTERS: dict[str, Callable[[str, Any], Any]] = {

@@ -4,10 +4,21 @@ A ZIP's data descriptors and central directory hold every entry's CRC-32, so a
 range starting late in an archive needs the CRC-32 of the files before it. They
 are kept here, keyed by what identifies a file's content on this host (device,
 inode, size, mtime in ns), and filled as a side effect of every full download
-and of every range that reads a whole file.
+and of every range that reads a whole file. A download cut short inside a file
+also leaves *checkpoints*: the CRC-32 of the file's first N bytes, every
+:data:`CHECKPOINT_EVERY` bytes, so that resuming it never reads the whole head of
+that file again.
 
-Any object with ``get_many`` and ``put_many`` can replace the embedded SQLite
-store, e.g. a shared store when several hosts serve the same files.
+What the cache is trusted for: a CRC-32 found here goes into archives without the
+file being read, so whoever can write the cache can make downloads fail their
+checksums (never leak a file: the data always comes from the file itself). Keep
+the cache where only the service's user can write. Rows carry a check value, so a
+row damaged on disk reads as missing, and every time a response reads a whole
+file anyway the value is compared with the data: a mismatch is logged and
+corrected.
+
+What never happens: a cache problem failing a download. A store that cannot be
+read or written is logged once and replaced by memory for the rest of the process.
 """
 
 from __future__ import annotations
@@ -15,19 +26,41 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import stat
+import struct
+import tempfile
 import threading
-from collections.abc import Iterable, Mapping
+import time
+import weakref
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 logger = logging.getLogger("zipmiddleware")
 
 # (st_dev, st_ino, st_size, st_mtime_ns): a file's content as far as the cache knows.
 Key = tuple[int, int, int, int]
+# (offset, CRC-32 of the file's bytes [0, offset))
+Checkpoint = tuple[int, int]
+
+# How far apart a file's checkpoints are: a resume inside a file re-reads at most
+# this much of the file's head (16 MiB: ~5 ms from page cache, ~0.1 s from disk).
+CHECKPOINT_EVERY = 16 * 1024 * 1024
+# A memory store keeps at most this many files (~200 bytes each); the oldest go first.
+MEMORY_ENTRIES = 1_000_000
+# How often a file store checks that its file is still there (was it deleted?).
+RECHECK_SECONDS = 5.0
+MEMORY = ":memory:"
 
 
 @runtime_checkable
 class CrcCache(Protocol):
-    """Where CRC-32s of whole files are kept between requests."""
+    """Where CRC-32s of whole files are kept between requests.
+
+    A store may also keep checkpoints (``get_checkpoints``/``put_checkpoints`` as in
+    :class:`SQLiteCrcCache`); without them a resume inside a file reads its whole head.
+    """
 
     def get_many(self, keys: Iterable[Key]) -> dict[Key, int]:
         """The CRC-32s known for these keys; unknown keys are left out."""
@@ -36,75 +69,325 @@ class CrcCache(Protocol):
         """Remember these CRC-32s. Must never raise for a storage problem: log it."""
 
 
-class SQLiteCrcCache:
-    """CRC-32s in an SQLite file (``path``), or in memory when ``path`` is None.
+def guard(key: Key, offset: int, crc: int) -> int:
+    """The check value stored with a row: a damaged row (one bit is enough) reads as missing."""
+    return zlib.crc32(struct.pack("<5QI", *(v & 0xFFFFFFFFFFFFFFFF for v in (*key, offset)), crc))
 
-    Safe with several gunicorn workers and threads: each process opens its own
-    connection (after a fork too), the file is in WAL mode, writers wait for
-    each other (``busy_timeout``), and a write that still fails is only logged:
-    the cache is an optimisation, never a reason to fail a download.
-    """
 
-    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
-        self.path = None if path is None else os.fspath(path)
+class MemoryCrcCache:
+    """CRC-32s and checkpoints in this process's memory, the oldest forgotten first."""
+
+    def __init__(self, limit: int = MEMORY_ENTRIES) -> None:
+        self.limit = limit
         self._lock = threading.Lock()
-        self._connection: sqlite3.Connection | None = None
-        self._pid = 0
-        if self.path is not None:
-            directory = os.path.dirname(os.path.abspath(self.path))
-            if not os.path.isdir(directory):
-                raise ValueError(f"the folder of {self.path!r} does not exist")
-            with self._lock:
-                self._connect()  # fail at start-up, not at the first download
-
-    def _connect(self) -> sqlite3.Connection:
-        if self._connection is None or self._pid != os.getpid():
-            connection = sqlite3.connect(
-                self.path or ":memory:", timeout=30, isolation_level=None, check_same_thread=False
-            )
-            if self.path is not None:
-                connection.execute("PRAGMA journal_mode=WAL")
-                connection.execute("PRAGMA synchronous=NORMAL")
-            connection.execute(
-                "CREATE TABLE IF NOT EXISTS crc32 (device INTEGER, inode INTEGER, size INTEGER,"
-                " mtime_ns INTEGER, crc INTEGER NOT NULL, PRIMARY KEY (device, inode, size, mtime_ns))"
-            )
-            self._connection, self._pid = connection, os.getpid()
-        return self._connection
+        self._crcs: OrderedDict[Key, int] = OrderedDict()
+        self._checkpoints: OrderedDict[Key, dict[int, int]] = OrderedDict()
 
     def get_many(self, keys: Iterable[Key]) -> dict[Key, int]:
-        found: dict[Key, int] = {}
-        try:
-            with self._lock:
-                connection = self._connect()
-                for key in keys:
-                    row = connection.execute(
-                        "SELECT crc FROM crc32 WHERE device = ? AND inode = ? AND size = ? AND mtime_ns = ?",
-                        _storable(key),
-                    ).fetchone()
-                    if row is not None:
-                        found[key] = row[0]
-        except sqlite3.Error as exc:
-            logger.warning("CRC-32 cache %s cannot be read: %s", self.path or ":memory:", exc)
-        return found
+        with self._lock:
+            return {key: self._crcs[key] for key in keys if key in self._crcs}
+
+    def put_many(self, items: Mapping[Key, int]) -> None:
+        with self._lock:
+            for key, crc in items.items():
+                self._crcs[key] = crc
+                self._crcs.move_to_end(key)
+                self._checkpoints.pop(key, None)  # the whole file's CRC makes them useless
+            while len(self._crcs) > self.limit:
+                self._crcs.popitem(last=False)
+
+    def get_checkpoints(self, keys: Iterable[Key]) -> dict[Key, list[Checkpoint]]:
+        with self._lock:
+            return {key: sorted(self._checkpoints[key].items()) for key in keys if key in self._checkpoints}
+
+    def put_checkpoints(self, key: Key, checkpoints: Iterable[Checkpoint]) -> None:
+        with self._lock:
+            self._checkpoints.setdefault(key, {}).update(checkpoints)
+            self._checkpoints.move_to_end(key)
+            while len(self._checkpoints) > self.limit // 16:
+                self._checkpoints.popitem(last=False)
+
+    def __repr__(self) -> str:
+        return "MemoryCrcCache()"
+
+
+def default_path() -> str:
+    """The store used when none is configured: one file per user in the temporary folder,
+    shared by every worker and thread of that user, so a resume that lands on another
+    worker (or after a restart) finds what the first download learnt."""
+    return os.path.join(tempfile.gettempdir(), f"zipmiddleware-{os.geteuid()}", "crc32.sqlite")
+
+
+def _private_folder(folder: str) -> None:
+    """Create ``folder`` for this user only, or check that it is this user's and private."""
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(folder)  # never follow a link someone else planted in /tmp
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{folder} is not a private folder of this user")
+
+
+class SQLiteCrcCache:
+    """CRC-32s in an SQLite file shared by every worker and thread (WAL mode).
+
+    ``path``: the file (its folder must exist); ``None`` or ``":memory:"``: memory only.
+    :meth:`per_user` gives the store used when none is configured (:func:`default_path`).
+
+    No connection ever crosses a fork: none is opened before the first lookup, and an
+    open one is closed just before any ``fork()`` of this process and reopened lazily
+    after it (SQLite forbids carrying a connection into a child: it may corrupt the
+    WAL, and gunicorn workers that inherited one from the master crashed with SIGBUS).
+    Writers wait for each other (``busy_timeout``). Any error is logged once and the
+    process carries on with a :class:`MemoryCrcCache` instead.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, per_user: bool = False) -> None:
+        # None: the per-user default file, which depends on the user each process runs as.
+        self.path: str | None = None if per_user else os.fspath(path or MEMORY)
+        self.memory_only = self.path == MEMORY
+        self._lock = threading.Lock()
+        self._connection: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None  # of the file the connection has open
+        self._checked = 0.0
+        self._fallback: MemoryCrcCache | None = MemoryCrcCache() if self.memory_only else None
+        if self.path is not None and not self.memory_only:
+            folder = os.path.dirname(os.path.abspath(self.path))
+            if not os.path.isdir(folder):
+                raise ValueError(f"the folder of {self.path!r} does not exist")
+        reference = weakref.ref(self)
+
+        def before_fork() -> None:
+            cache = reference()
+            if cache is not None:
+                cache._lock.acquire()
+                cache._disconnect()
+
+        def after_fork_in_parent() -> None:
+            cache = reference()
+            if cache is not None:
+                cache._lock.release()
+
+        def after_fork_in_child() -> None:
+            cache = reference()
+            if cache is not None:
+                cache._lock.release()
+                if not cache.memory_only:  # a worker decides for itself whether it can use the file
+                    cache._fallback = None
+
+        os.register_at_fork(
+            before=before_fork, after_in_parent=after_fork_in_parent, after_in_child=after_fork_in_child
+        )
+
+    @classmethod
+    def per_user(cls) -> SQLiteCrcCache:
+        """The store used when none is configured: :func:`default_path`, opened when first used."""
+        return cls(per_user=True)
+
+    # -- the public store ------------------------------------------------------------
+
+    def get_many(self, keys: Iterable[Key]) -> dict[Key, int]:
+        keys = list(keys)
+        rows = self._rows(keys, "SELECT device, inode, size, mtime_ns, crc, guard FROM file_crc", 4)
+        if rows is None:
+            return self._memory().get_many(keys)
+        return {key: crc for key, offset, crc in rows}
 
     def put_many(self, items: Mapping[Key, int]) -> None:
         if not items:
             return
+        rows = [(*_storable(key), crc, guard(key, key[2], crc)) for key, crc in items.items()]
+        done = self._write(
+            "INSERT OR REPLACE INTO file_crc VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+            "DELETE FROM prefix_crc WHERE device = ? AND inode = ? AND size = ? AND mtime_ns = ?",
+            [row[:4] for row in rows],
+        )
+        if not done:
+            self._memory().put_many(items)
+
+    def get_checkpoints(self, keys: Iterable[Key]) -> dict[Key, list[Checkpoint]]:
+        keys = list(keys)
+        rows = self._rows(
+            keys, "SELECT device, inode, size, mtime_ns, offset, crc, guard FROM prefix_crc", 4, offsets=True
+        )
+        if rows is None:
+            return self._memory().get_checkpoints(keys)
+        found: dict[Key, list[Checkpoint]] = {}
+        for key, offset, crc in rows:
+            found.setdefault(key, []).append((offset, crc))
+        return {key: sorted(points) for key, points in found.items()}
+
+    def put_checkpoints(self, key: Key, checkpoints: Iterable[Checkpoint]) -> None:
+        points = list(checkpoints)
+        if not points:
+            return
+        rows = [(*_storable(key), offset, crc, guard(key, offset, crc)) for offset, crc in points]
+        if not self._write("INSERT OR REPLACE INTO prefix_crc VALUES (?, ?, ?, ?, ?, ?, ?)", rows):
+            self._memory().put_checkpoints(key, points)
+
+    def check_writable(self) -> None:
+        """Write and delete a row with a connection of its own, closed at once: raises
+        ``sqlite3.Error`` or ``OSError`` when this process cannot use the file."""
+        if self.path is None or self.memory_only:
+            return
+        connection = self._open()
         try:
-            with self._lock:
-                connection = self._connect()
-                with connection:  # one transaction
-                    connection.execute("BEGIN IMMEDIATE")
-                    connection.executemany(
-                        "INSERT OR REPLACE INTO crc32 VALUES (?, ?, ?, ?, ?)",
-                        [(*_storable(key), crc) for key, crc in items.items()],
-                    )
-        except sqlite3.Error as exc:
-            logger.warning("CRC-32 cache %s cannot be written: %s", self.path or ":memory:", exc)
+            with connection:
+                connection.execute("BEGIN IMMEDIATE")
+                connection.execute("INSERT OR REPLACE INTO file_crc VALUES (-1, -1, -1, -1, 0, 0)")
+                connection.execute("DELETE FROM file_crc WHERE device = -1")
+        finally:
+            connection.close()
+
+    def check_writable_as(self, become: Callable[[], None] | None) -> None:
+        """:meth:`check_writable` in a child process that first calls ``become`` (to take on
+        the user gunicorn's workers will run as), so that a master running as root notices a
+        file its workers cannot write, and creates nothing they could not use."""
+        if become is None:
+            self.check_writable()
+            return
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: take on the workers' user, try, report, never return
+            code = 1
+            try:
+                os.close(read_end)
+                become()
+                self.check_writable()
+                code = 0
+            except BaseException as exc:
+                os.write(write_end, f"{exc} (as uid {os.geteuid()})".encode()[:2000])
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as report:
+            message = report.read().decode(errors="replace")
+        if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+            raise PermissionError(message or "the check as the workers' user failed")
 
     def __repr__(self) -> str:
-        return f"SQLiteCrcCache({self.path!r})"
+        return "SQLiteCrcCache.per_user()" if self.path is None else f"SQLiteCrcCache({self.path!r})"
+
+    # -- SQLite, or memory when it fails --------------------------------------------
+
+    def _memory(self) -> MemoryCrcCache:
+        with self._lock:
+            if self._fallback is None:
+                self._fallback = MemoryCrcCache()
+            return self._fallback
+
+    def _fail(self, exc: BaseException) -> None:
+        """Log once, close, and keep CRC-32s in memory for the rest of this process."""
+        if self._fallback is None:
+            self._fallback = MemoryCrcCache()
+            logger.warning(
+                "CRC-32 cache %s cannot be used (%s): this process keeps CRC-32s in memory from now on, "
+                "so ranges of large archives may read more; check the file's folder and owner",
+                self._file(),
+                exc,
+            )
+        self._disconnect()
+
+    def _rows(
+        self, keys: list[Key], select: str, width: int, offsets: bool = False
+    ) -> list[tuple[Key, int, int]] | None:
+        """Rows for ``keys`` whose check value holds, as (key, offset, crc); None: use memory."""
+        found: list[tuple[Key, int, int]] = []
+        with self._lock:
+            connection = self._connected()
+            if connection is None:
+                return None
+            try:
+                for batch in range(0, len(keys), 200):
+                    chunk = {_storable(key): key for key in keys[batch : batch + 200]}
+                    places = ", ".join(["(?, ?, ?, ?)"] * len(chunk))
+                    values = [value for stored in chunk for value in stored]
+                    query = f"{select} WHERE (device, inode, size, mtime_ns) IN (VALUES {places})"
+                    for row in connection.execute(query, values):
+                        key = chunk[row[:width]]
+                        offset, crc, check = (row[4], row[5], row[6]) if offsets else (key[2], row[4], row[5])
+                        if check != guard(key, offset, crc):
+                            logger.warning("CRC-32 cache %s: a damaged row for %s is ignored", self.path, key)
+                            continue
+                        found.append((key, offset, crc))
+            except sqlite3.Error as exc:
+                self._fail(exc)
+                return None
+        return found
+
+    def _write(self, statement: str, rows: Sequence[tuple[int, ...]], *more: object) -> bool:
+        """Run ``statement`` for every row (and more (statement, rows) pairs) in one transaction."""
+        with self._lock:
+            connection = self._connected()
+            if connection is None:
+                return False
+            try:
+                with connection:
+                    connection.execute("BEGIN IMMEDIATE")
+                    connection.executemany(statement, rows)
+                    for index in range(0, len(more), 2):
+                        connection.executemany(more[index], more[index + 1])  # type: ignore[arg-type]
+            except sqlite3.Error as exc:
+                self._fail(exc)
+                return False
+        return True
+
+    def _connected(self) -> sqlite3.Connection | None:
+        """This process's connection (under the lock); None once it has failed."""
+        if self._fallback is not None:
+            return None
+        try:
+            if self._connection is not None and time.monotonic() - self._checked > RECHECK_SECONDS:
+                self._checked = time.monotonic()
+                st = os.stat(self._file())
+                if (st.st_dev, st.st_ino) != self._identity:  # deleted or replaced: start anew
+                    logger.warning("CRC-32 cache %s was deleted or replaced: reopening it", self.path)
+                    self._disconnect()
+            if self._connection is None:
+                self._connection = self._open()
+                st = os.stat(self._file())
+                self._identity, self._checked = (st.st_dev, st.st_ino), time.monotonic()
+        except (sqlite3.Error, OSError) as exc:
+            self._fail(exc)
+            return None
+        return self._connection
+
+    def _file(self) -> str:
+        """The file to use; the default one depends on the user this process runs as."""
+        return default_path() if self.path is None else self.path
+
+    def _open(self) -> sqlite3.Connection:
+        path = self._file()
+        if self.path is None:
+            _private_folder(os.path.dirname(path))
+        connection = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute(
+                "CREATE TABLE IF NOT EXISTS file_crc (device INTEGER, inode INTEGER, size INTEGER,"
+                " mtime_ns INTEGER, crc INTEGER NOT NULL, guard INTEGER NOT NULL,"
+                " PRIMARY KEY (device, inode, size, mtime_ns)) WITHOUT ROWID"
+            )
+            connection.execute(
+                "CREATE TABLE IF NOT EXISTS prefix_crc (device INTEGER, inode INTEGER, size INTEGER,"
+                " mtime_ns INTEGER, offset INTEGER, crc INTEGER NOT NULL, guard INTEGER NOT NULL,"
+                " PRIMARY KEY (device, inode, size, mtime_ns, offset)) WITHOUT ROWID"
+            )
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _disconnect(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.close()
+            except sqlite3.Error:
+                pass
+            self._connection = None
 
 
 def _storable(key: Key) -> tuple[int, int, int, int]:

@@ -22,7 +22,7 @@ SYNC_WORKER_WARNING = (
 )
 
 
-def _gunicorn_config() -> Any:
+def gunicorn_config() -> Any:
     """The config of the gunicorn arbiter or worker that is loading the app, if any.
 
     gunicorn keeps no global handle on it, but it is ``self.cfg`` in the frame that
@@ -51,7 +51,7 @@ def uses_sync_worker(cfg: Any) -> bool:
 def check_server_at_startup() -> bool:
     """Log a warning if gunicorn is loading this app into sync workers; True if it did."""
     try:
-        cfg = _gunicorn_config()
+        cfg = gunicorn_config()
         if cfg is None or not uses_sync_worker(cfg):
             return False
         timeout = cfg.timeout

@@ -9,7 +9,9 @@ from typing import Any
 
 from werkzeug.wrappers import Request, Response
 
+from .checksums import ColdCrcWork
 from .config import Settings, build_settings, read_toml
+from .connection import limit_stalls
 from .crccache import CrcCache, SQLiteCrcCache
 from .deployment import SYNC_WORKER_WARNING, check_server_at_startup, is_sync_worker_request
 from .errors import RefusedError
@@ -76,8 +78,11 @@ class ZipMiddleware:
         self.settings = settings
         self.routes = RouteTable(settings.routes)
         self.planner = Planner(settings)
-        # Without a configured store, each process keeps its CRC-32s in memory.
-        self.crc_cache = SQLiteCrcCache() if settings.crc_cache is None else settings.crc_cache
+        # Without a configured store: one file per user in the temporary folder, shared by
+        # every worker (a resume that lands on another worker finds what was learnt).
+        self.crc_cache = SQLiteCrcCache.per_user() if settings.crc_cache is None else settings.crc_cache
+        # Cold CRC-32 work of ranges: shared by requests, one at a time per process.
+        self.cold_work = ColdCrcWork(self.crc_cache)
         # Warned once per process about gunicorn's sync worker: when it loads the app, else at
         # the first download it serves (see deployment.py).
         self._warned_about_server = check_server_at_startup()
@@ -103,7 +108,9 @@ class ZipMiddleware:
         if not self._warned_about_server and is_sync_worker_request(environ):
             self._warned_about_server = True
             logger.warning(SYNC_WORKER_WARNING, "30 s by default")
-        return self.respond(environ, match)(environ, start_response)
+        body = self.respond(environ, match)(environ, start_response)
+        # A client that stops reading must not hold this thread for ever (see connection.py).
+        return limit_stalls(environ, body, self.settings.stall_timeout)
 
     def respond(self, environ: WSGIEnvironment, match: Match) -> Response:
         if environ.get("REQUEST_METHOD", "GET").upper() not in ALLOWED_METHODS:
@@ -120,10 +127,10 @@ class ZipMiddleware:
         if isinstance(target, Failed):
             return text_response(target.status, target.message)
         try:
-            plan = self.planner.plan(target)
+            plan = self.planner.plan(target, getattr(match.resolver, "confine_to", None))
             if isinstance(plan, FilePlan):
                 return file_response(plan, environ, self.settings.chunk_size)
-            return zip_response(plan, environ, self.settings, self.crc_cache)
+            return zip_response(plan, environ, self.settings, self.crc_cache, self.cold_work)
         except RefusedError as exc:
             close_sources(target)
             level = logging.ERROR if exc.status >= 500 else logging.INFO

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import mimetypes
 import os
 from collections.abc import Iterator
@@ -11,14 +12,17 @@ from typing import BinaryIO
 from werkzeug.wrappers import Response
 from werkzeug.wsgi import wrap_file
 
-from .conditional import Outcome, Validators, evaluate
+from .checksums import ColdCrcWork, client_presence
+from .conditional import FULL, Outcome, Validators, evaluate
 from .config import Settings
 from .crccache import CrcCache
-from .errors import RefusedError
+from .errors import RefusedError, StreamError
 from .names import content_disposition
-from .planning import NOT_FOUND, SERVER_ERROR, FilePlan, ZipPlan, close_sources, reopen
+from .planning import NOT_FOUND, SERVER_ERROR, FilePlan, FileSnapshot, ZipPlan, close_sources, reopen
 from .types import WSGIEnvironment
 from .zipengine import Layout, ZipRange, ZipStream, archive_validators, needs_zip64
+
+logger = logging.getLogger("zipmiddleware")
 
 ALLOWED_METHODS = ("GET", "HEAD")
 
@@ -62,7 +66,7 @@ def file_response(plan: FilePlan, environ: WSGIEnvironment, chunk_size: int) -> 
     file = os.fdopen(fd, "rb")
     mimetype = plan.mimetype or mimetypes.guess_type(plan.download_name)[0] or "application/octet-stream"
     if outcome.status == 206:
-        body: object = FileRange(file, outcome.start, outcome.stop, chunk_size)
+        body: object = FileRange(file, checked, outcome.start, outcome.stop, chunk_size)
     else:
         body = wrap_file(environ, file, chunk_size)
     response = Response(body, mimetype=mimetype, direct_passthrough=True)  # type: ignore[arg-type]
@@ -74,18 +78,28 @@ def file_response(plan: FilePlan, environ: WSGIEnvironment, chunk_size: int) -> 
 
 
 class FileRange:
-    """Bytes ``[start, stop)`` of an open file: a WSGI body that closes the file."""
+    """Bytes ``[start, stop)`` of an open file: a WSGI body that closes the file.
 
-    def __init__(self, file: BinaryIO, start: int, stop: int, chunk_size: int) -> None:
-        self.file, self.start, self.stop, self.chunk_size = file, start, stop, chunk_size
+    The file must stay the one that was planned: after every read its size and mtime
+    are checked, so a file rewritten in place, truncated or grown while the range goes
+    out aborts the connection before the next chunk (before the last one too), instead
+    of ending cleanly with a mix of two versions.
+    """
+
+    def __init__(self, file: BinaryIO, checked: FileSnapshot, start: int, stop: int, chunk_size: int) -> None:
+        self.file, self.checked = file, checked
+        self.start, self.stop, self.chunk_size = start, stop, chunk_size
 
     def __iter__(self) -> Iterator[bytes]:
         self.file.seek(self.start)
         remaining = self.stop - self.start
+        fd = self.file.fileno()
         while remaining > 0:
             data = self.file.read(min(self.chunk_size, remaining))
-            if not data:  # the file shrank: abort rather than send less than promised
-                raise OSError(f"{self.file.name!r}: shorter than when the range was planned")
+            st = os.fstat(fd)
+            if not data or (st.st_size, st.st_mtime_ns) != self.checked.identity[2:]:
+                logger.error("download aborted: %r changed while it was sent", self.checked.path)
+                raise StreamError(f"{self.checked.path!r} changed while it was sent")
             remaining -= len(data)
             yield data
 
@@ -94,22 +108,30 @@ class FileRange:
 
 
 def zip_response(
-    plan: ZipPlan, environ: WSGIEnvironment, settings: Settings, crc_cache: CrcCache | None
+    plan: ZipPlan,
+    environ: WSGIEnvironment,
+    settings: Settings,
+    crc_cache: CrcCache | None,
+    cold_work: ColdCrcWork | None = None,
 ) -> Response:
     """A streamed archive. Nothing is read until the server iterates the body.
 
     A stored archive whose sizes are all known is laid out in advance: it gets
     an exact Content-Length, and when every entry is a file also validators and
-    ranges. Anything else (deflate, sources without ``size=``) streams without a
-    length and with ``Accept-Ranges: none``.
+    ranges; its full download is the range [0, length). Anything else (deflate,
+    sources) goes through zipstream-new, without ranges. A range whose CRC-32s would
+    cost more than ``cold_range_limit`` to learn gets the whole archive (200): the
+    client then receives every byte the server reads.
     """
     entries = plan.entries
     sized = settings.compression_level == 0 and all(entry.size is not None for entry in entries)
-    layout = Layout(entries, settings.zip64) if sized else None
+    layout = plan.memo("layout", lambda: Layout(entries, settings.zip64)) if sized else None
     if not settings.zip64 and (layout.needs_zip64 if layout else needs_zip64(entries)):
         close_sources(plan)
         raise RefusedError(500, SERVER_ERROR, "archive needs ZIP64 but zip64 = false")
-    found = archive_validators(entries, settings.compression_level, settings.zip64)
+    found = plan.memo(
+        "validators", lambda: archive_validators(entries, settings.compression_level, settings.zip64)
+    )
     # Ranges need both the layout (where bytes lie) and validators (that they stay there).
     length = layout.length if layout is not None and found is not None else None
     validators = Validators(found[0] if found else None, _http_time(found[1]) if found else None, length)
@@ -119,11 +141,39 @@ def zip_response(
         return _bodiless(outcome, validators)
 
     body: ZipRange | ZipStream
-    if outcome.status == 206:
+    if length is not None:
         assert layout is not None
-        body = ZipRange(
-            layout, outcome.start, outcome.stop, chunk_size=settings.chunk_size, crc_cache=crc_cache
-        )
+        cold_work = cold_work or ColdCrcWork(crc_cache)
+        present = client_presence(environ)
+
+        def archive_range(start: int, stop: int) -> ZipRange:
+            return ZipRange(
+                layout,
+                start,
+                stop,
+                chunk_size=settings.chunk_size,
+                crc_cache=crc_cache,
+                cold_work=cold_work,
+                present=present,
+            )
+
+        body = archive_range(0, length)
+        if outcome.status == 206:
+            part = archive_range(outcome.start, outcome.stop)
+            cold = part.cold_bytes
+            if cold <= settings.cold_range_limit:
+                body = part
+            else:
+                logger.info(
+                    "range %d-%d of %s would read %d bytes it does not send (cold_range_limit %d): "
+                    "sending the whole archive instead",
+                    outcome.start,
+                    outcome.stop - 1,
+                    plan.download_name,
+                    cold,
+                    settings.cold_range_limit,
+                )
+                outcome = FULL
     else:
         body = ZipStream(
             entries,

@@ -31,10 +31,11 @@ import logging
 import os
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .crccache import CrcCache, Key
+from .checksums import ColdCrcWork, Present, always_present, checkpointed
+from .crccache import CHECKPOINT_EVERY, Checkpoint, CrcCache, Key
 from .errors import StreamError
 from .planning import FileSnapshot, PlannedEntry, reopen
 
@@ -56,6 +57,9 @@ def _import_zipstream_new() -> Any:
 
 
 zipstream = _import_zipstream_new()
+
+# A range gives the cache what it learnt every this many files (and when it ends).
+FLUSH_EVERY = 256
 
 # stdlib's limit (2 GiB - 1) that zipstream-new compares sizes and offsets with.
 ZIP64_LIMIT: int = zipfile.ZIP64_LIMIT
@@ -391,14 +395,28 @@ def archive_validators(
 class ZipRange:
     """Bytes ``[start, stop)`` of the archive a :class:`Layout` describes: a WSGI body.
 
-    File data is read only for the entries the range covers, and only the part
-    it covers. A descriptor or central record in the range needs its entry's
-    CRC-32: from the cache, or computed along the way when the range reads that
-    whole file, or else by reading the file (and then kept in the cache).
+    The full download is the range ``[0, length)``. File data is read only for the
+    entries the range covers, and only the part it covers. A descriptor or central
+    record in the range needs its entry's CRC-32: computed on the way when the range
+    reads that file from its start; else from the cache; else learnt by reading the
+    file without sending it (*cold* work, see :mod:`.checksums`). A range that starts
+    inside a file whose CRC-32 it needs first learns the CRC-32 of the file's head,
+    from the nearest checkpoint, so that it can keep checkpoints as it goes.
+
+    Every CRC-32 computed from data is compared with the cache's: a wrong cached
+    value is logged and replaced, and aborts the response if it was already sent.
     """
 
     def __init__(
-        self, layout: Layout, start: int, stop: int, *, chunk_size: int, crc_cache: CrcCache | None
+        self,
+        layout: Layout,
+        start: int,
+        stop: int,
+        *,
+        chunk_size: int,
+        crc_cache: CrcCache | None,
+        cold_work: ColdCrcWork | None = None,
+        present: Present = always_present,
     ) -> None:
         if not 0 <= start < stop <= layout.length:
             raise ValueError(f"range {start}-{stop} outside an archive of {layout.length} bytes")
@@ -407,8 +425,16 @@ class ZipRange:
         self.stop = stop
         self.chunk_size = chunk_size
         self.crc_cache = crc_cache
-        self._crcs: dict[int, int] = {}  # entry index -> CRC-32
+        self.cold_work = cold_work or ColdCrcWork(crc_cache)
+        self.present = present
         self._needed = self._crc_needed()
+        self._needed_set = set(self._needed)
+        self._crcs: dict[int, int] | None = None  # entry index -> CRC-32, once looked up
+        self._cached: dict[int, int] = {}  # what the cache said, until checked against data
+        self._sent_cached: set[int] = set()  # entries whose cached CRC-32 went out unchecked
+        self._checkpoints: dict[int, list[Checkpoint]] = {}
+        self._learnt: dict[Key, int] = {}  # computed here, not yet given to the cache
+        self._progress: tuple[Key, list[Checkpoint]] | None = None  # the file being read, if any
         self._pieces: Iterator[bytes] | None = None
         self._output: Iterator[bytes] | None = None
 
@@ -420,19 +446,13 @@ class ZipRange:
 
     def close(self) -> None:
         _close_all([self._output, self._pieces])
+        if self._progress is not None:  # cut inside a file: keep what was learnt of its head
+            key, points = self._progress
+            self._progress = None
+            self.cold_work.keep_checkpoints(key, points)
+        self._flush()
 
-    def _window(self, position: int, data: bytes) -> bytes:
-        """The part of ``data``, which lies at ``position``, inside the range."""
-        return data[max(self.start - position, 0) : max(self.stop - position, 0)]
-
-    def _generate(self) -> Iterator[bytes]:
-        try:
-            yield from self._entries()
-            if self.stop > self.layout.directory_offset:
-                yield from self._directory()
-        except StreamError as exc:
-            logger.error("range aborted: %s", exc)
-            raise
+    # -- what the range needs ------------------------------------------------------------
 
     def _crc_needed(self) -> list[int]:
         """The entries whose descriptor or central record lies in the range."""
@@ -445,9 +465,87 @@ class ZipRange:
                 needed.append(index)
         return needed
 
+    def _read_span(self, index: int) -> tuple[int, int] | None:
+        """The part ``[low, high)`` of entry ``index``'s data that the range sends, if any."""
+        data, descriptor = self.layout.data_offsets[index], self.layout.descriptor_offsets[index]
+        if self.start < descriptor and self.stop > data:
+            return max(self.start - data, 0), min(self.stop - data, descriptor - data)
+        return None
+
+    def _reads_to_end(self, index: int) -> int | None:
+        """Where the range starts reading entry ``index``'s data, if it reads it to its end."""
+        span = self._read_span(index)
+        size = self.layout.entries[index].size
+        return span[0] if span is not None and span[1] == size else None
+
+    def _look_up(self) -> dict[int, int]:
+        """CRC-32s and checkpoints from the cache, once per body."""
+        if self._crcs is None:
+            keys: dict[int, Key] = {}
+            self._crcs = {}
+            for index in self._needed:
+                entry = self.layout.entries[index]
+                if not entry.size:
+                    self._crcs[index] = 0
+                elif entry.file is not None:
+                    keys[index] = entry.file.identity
+            if keys and self.crc_cache is not None:
+                found = self.crc_cache.get_many(set(keys.values()))
+                self._cached = {index: found[key] for index, key in keys.items() if key in found}
+                self._crcs.update(self._cached)
+            # Checkpoints matter only where a file's head must be read without being sent.
+            cold = {
+                index: key
+                for index, key in keys.items()
+                if index not in self._crcs and self._cold_start(index)
+            }
+            get_checkpoints = getattr(self.crc_cache, "get_checkpoints", None)
+            if cold and callable(get_checkpoints):
+                points = get_checkpoints(set(cold.values()))
+                self._checkpoints = {index: points[key] for index, key in cold.items() if key in points}
+        return self._crcs
+
+    def _cold_start(self, index: int) -> int:
+        """How far into entry ``index``'s file its CRC-32 needs reading without sending."""
+        low = self._reads_to_end(index)
+        return self.layout.entries[index].size or 0 if low is None else low
+
+    def _best_checkpoint(self, index: int, offset: int) -> Checkpoint:
+        best = (0, 0)
+        for point in self._checkpoints.get(index, ()):
+            if best[0] < point[0] <= offset:
+                best = point
+        return best
+
+    @property
+    def cold_bytes(self) -> int:
+        """File data this range would read without sending it (with the cache as it is now)."""
+        known = self._look_up()
+        total = 0
+        for index in self._needed:
+            if index not in known:
+                offset = self._cold_start(index)
+                total += offset - self._best_checkpoint(index, offset)[0]
+        return total
+
+    # -- the bytes -----------------------------------------------------------------------
+
+    def _window(self, position: int, data: bytes) -> bytes:
+        """The part of ``data``, which lies at ``position``, inside the range."""
+        return data[max(self.start - position, 0) : max(self.stop - position, 0)]
+
+    def _generate(self) -> Iterator[bytes]:
+        self._look_up()
+        try:
+            yield from self._entries()
+            if self.stop > self.layout.directory_offset:
+                yield from self._directory()
+        except StreamError as exc:
+            logger.error("range aborted: %s", exc)
+            raise
+
     def _entries(self) -> Iterator[bytes]:
         layout, start, stop = self.layout, self.start, self.stop
-        self._crcs.update(self._cached(self._needed))
         if start >= layout.directory_offset:
             return
         first = max(bisect.bisect_right(layout.offsets, start) - 1, 0)
@@ -456,32 +554,35 @@ class ZipRange:
             if offset >= stop:
                 break
             entry = layout.entries[index]
-            size = entry.size or 0
+            assert entry.file is not None
             data, descriptor = layout.data_offsets[index], layout.descriptor_offsets[index]
             info, header = _written(entry, offset, layout.zip64, 0)
             if start < data:
                 yield self._window(offset, header)
-            if size and start < descriptor and stop > data:
-                low, high = max(start - data, 0), min(stop - data, size)
-                if high == size and index not in self._crcs:
+            span = self._read_span(index)
+            if entry.size and span is not None:
+                low, high = span
+                crcs = self._look_up()
+                if high == entry.size and (low == 0 or (index in self._needed_set and index not in crcs)):
                     yield from self._read_learning(index, low)
-                else:
-                    assert entry.file is not None
+                else:  # the CRC-32 is cached, or not needed here
                     yield from read_file(entry.arcname, entry.file, self.chunk_size, low, high)
             if start < layout.entry_end(index) and stop > descriptor:
                 info.CRC = self._crc(index)
                 yield self._window(descriptor, info.DataDescriptor())
+            self._flush(every=FLUSH_EVERY)
 
     def _directory(self) -> Iterator[bytes]:
         layout = self.layout
         for index in self._needed:
             self._crc(index)  # compute what the cache lacked, before the first record
+        crcs = self._look_up()
         archive = zipstream.ZipFile(
             Output(layout.directory_offset), mode="w", compression=zipfile.ZIP_STORED, allowZip64=layout.zip64
         )
         # Records outside the range are not sent, so a CRC-32 the range does not need may be 0.
         archive.filelist = (
-            _written(entry, layout.offsets[index], layout.zip64, self._crcs.get(index, 0))[0]
+            _written(entry, layout.offsets[index], layout.zip64, crcs.get(index, 0))[0]
             for index, entry in enumerate(layout.entries)
         )
         position = layout.directory_offset
@@ -498,46 +599,70 @@ class ZipRange:
 
     # -- CRC-32s -----------------------------------------------------------------------
 
-    def _cached(self, indices: list[int]) -> dict[int, int]:
-        keys: dict[int, Key] = {}
-        known: dict[int, int] = {}
-        for index in indices:
-            entry = self.layout.entries[index]
-            if not entry.size:
-                known[index] = 0
-            elif entry.file is not None:
-                keys[index] = entry.file.identity
-        if keys and self.crc_cache is not None:
-            found = self.crc_cache.get_many(set(keys.values()))
-            known.update({index: found[key] for index, key in keys.items() if key in found})
-        return known
+    def _reader(self, index: int) -> Callable[[int, int], Iterator[bytes]]:
+        entry = self.layout.entries[index]
+        assert entry.file is not None
+        file = entry.file
+        return lambda low, high: read_file(entry.arcname, file, self.chunk_size, low, high)
 
     def _crc(self, index: int) -> int:
-        if index not in self._crcs:
-            for _data in self._read_learning(index):
-                pass
-        return self._crcs[index]
+        """Entry ``index``'s CRC-32, going out now: learnt without sending if need be."""
+        crcs = self._look_up()
+        if index not in crcs:
+            entry = self.layout.entries[index]
+            assert entry.file is not None and entry.size is not None
+            start = self._best_checkpoint(index, entry.size)
+            crcs[index] = self.cold_work.prefix(
+                entry.file.identity, entry.size, self._reader(index), start, self.present
+            )
+        elif index in self._cached:
+            self._sent_cached.add(index)
+        return crcs[index]
 
-    def _read_learning(self, index: int, start: int = 0) -> Iterator[bytes]:
-        """Pass on a file's data from ``start`` to its end, then learn its CRC-32.
+    def _read_learning(self, index: int, low: int) -> Iterator[bytes]:
+        """Pass on a file's data from ``low`` to its end, learning its CRC-32 on the way.
 
-        The part before ``start`` is read after the rest went out, so a resumed
-        download starts at once even when the cache is cold.
+        The CRC-32 of the head ``[0, low)`` comes first, from the nearest checkpoint
+        (shared, bounded cold work); then the data goes out with checkpoints kept, so
+        that a download cut here again resumes cheaply.
         """
         entry = self.layout.entries[index]
         assert entry.file is not None and entry.size is not None
-        crc = 0
-        for data in read_file(entry.arcname, entry.file, self.chunk_size, start):
-            crc = zlib.crc32(data, crc)
-            yield data
-        if start:
-            head = 0
-            for data in read_file(entry.arcname, entry.file, self.chunk_size, 0, start):
-                head = zlib.crc32(data, head)
-            crc = crc32_combine(head, crc, entry.size - start)
-        self._crcs[index] = crc
-        if self.crc_cache is not None:
-            self.crc_cache.put_many({entry.file.identity: crc})
+        key = entry.file.identity
+        start: Checkpoint = (0, 0)
+        if low:
+            start = self._best_checkpoint(index, low)
+            if start[0] < low:
+                start = (low, self.cold_work.prefix(key, low, self._reader(index), start, self.present))
+        points: list[Checkpoint] = []
+        self._progress = (key, points)
+        yield from checkpointed(self._reader(index)(low, entry.size), start, points)
+        self._progress = None
+        self._learn(index, points[-1][1])
+
+    def _learn(self, index: int, crc: int) -> None:
+        """A CRC-32 computed from the data: it wins over the cache's."""
+        entry = self.layout.entries[index]
+        assert entry.file is not None
+        cached = self._cached.pop(index, None)
+        self._look_up()[index] = crc
+        if cached == crc:
+            return
+        self._learnt[entry.file.identity] = crc
+        if entry.file.size >= CHECKPOINT_EVERY:  # a big file: worth a write of its own at once
+            self._flush()
+        if cached is not None:
+            logger.error(
+                "CRC-32 cache: %r had %08x, its data gives %08x; corrected", entry.arcname, cached, crc
+            )
+            if index in self._sent_cached:
+                raise StreamError(f"{entry.arcname!r}: a wrong cached CRC-32 was already sent")
+
+    def _flush(self, every: int = 0) -> None:
+        """Give the cache what was learnt (in batches: one write per file would be slow)."""
+        if len(self._learnt) > every and self.crc_cache is not None:
+            learnt, self._learnt = self._learnt, {}
+            self.crc_cache.put_many(learnt)
 
 
 def _gf2_times(matrix: list[int], vector: int) -> int:

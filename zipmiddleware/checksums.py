@@ -1,0 +1,221 @@
+"""CRC-32 work that a range request does without sending it: shared, bounded, abandoned
+when nobody waits for it any more.
+
+A range of a stored ZIP needs the CRC-32 of every entry whose data descriptor or
+central record it holds. What the cache lacks must be computed by reading files,
+which may cost far more than the range sends (the last 100 bytes of a 2 GiB archive
+need the CRC-32 of its last file). Left alone, that is a lever for an attacker:
+ask for 100 bytes, make the server read gigabytes, hang up, repeat in parallel.
+So here, per process:
+
+- requests that need the same CRC-32 at the same time share one computation;
+- at most ``concurrency`` computations run at once (the rest wait their turn), so
+  cold work cannot starve the requests that send data;
+- a computation stops as soon as no request waiting for it still has its client
+  (checked every few MiB), and what it learnt so far is kept as checkpoints, so the
+  next attempt starts from there.
+
+The middleware also refuses, per request, cold work above ``cold_range_limit``
+(see responses.py): such a range gets the whole archive instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+import zlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .crccache import CHECKPOINT_EVERY, Checkpoint, CrcCache, Key
+from .errors import StreamError
+from .types import WSGIEnvironment
+
+logger = logging.getLogger("zipmiddleware")
+
+# How often a waiting or computing request looks whether its client is still there.
+POLL_SECONDS = 0.2
+LOOK_EVERY = 4 * 1024 * 1024  # bytes read between two looks
+
+
+class ClientGoneError(StreamError):
+    """The client went away while its request waited for (or did) cold CRC-32 work."""
+
+
+Present = Callable[[], bool]
+
+
+def always_present() -> bool:
+    return True
+
+
+def client_presence(environ: WSGIEnvironment) -> Present:
+    """Whether the request's client is still connected, asked without sending anything.
+
+    Servers that hand the application the connection (gunicorn's sync and gthread
+    workers: ``gunicorn.socket``; werkzeug's dev server: ``werkzeug.socket``) let us
+    look: a closed connection polls readable and reads as end of file (or fails),
+    while a live one has nothing to read or holds a pipelined request. Elsewhere the
+    client is taken as present; the per-request limit still bounds the work.
+    """
+    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+    if not isinstance(sock, socket.socket):
+        return always_present
+    poller = select.poll()
+    try:
+        poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+    except (OSError, ValueError):
+        return always_present
+
+    def present() -> bool:
+        try:
+            events = poller.poll(0)
+        except (OSError, ValueError):
+            return False
+        if not events:
+            return True
+        if events[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+            return False
+        try:
+            return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    return present
+
+
+def checkpointed(data: Iterable[bytes], start: Checkpoint, points: list[Checkpoint]) -> Iterable[bytes]:
+    """Pass ``data`` on (it continues a file at ``start``), appending a checkpoint to
+    ``points`` each time the file's CRC-32 so far crosses a multiple of CHECKPOINT_EVERY."""
+    offset, crc = start
+    for piece in data:
+        crc = zlib.crc32(piece, crc)
+        before, offset = offset, offset + len(piece)
+        if offset // CHECKPOINT_EVERY > before // CHECKPOINT_EVERY:
+            points.append((offset, crc))
+        yield piece
+    points.append((offset, crc))
+
+
+class _Job:
+    def __init__(self) -> None:
+        self.waiters = 1
+        self.done = threading.Event()
+        self.result: int | None = None
+        self.error: BaseException | None = None
+
+
+class ColdCrcWork:
+    """Per-process registry of cold CRC-32 computations (see the module's docstring)."""
+
+    def __init__(self, crc_cache: CrcCache | None, concurrency: int = 1) -> None:
+        self.crc_cache = crc_cache
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._jobs: dict[tuple[Key, int], _Job] = {}
+
+    def prefix(
+        self,
+        key: Key,
+        stop: int,
+        read: Callable[[int, int], Iterable[bytes]],
+        start: Checkpoint = (0, 0),
+        present: Present = always_present,
+    ) -> int:
+        """The CRC-32 of bytes ``[0, stop)`` of the file ``key``, reading ``[start[0], stop)``
+        with ``read(a, b)`` and continuing ``start[1]``; ``stop`` = the size for the whole file.
+
+        Raises :class:`ClientGoneError` when this request's client goes away first, or the
+        reader's :class:`StreamError` (shared by every request waiting for it).
+        """
+        job_key = (key, stop)
+        with self._lock:
+            job = self._jobs.get(job_key)
+            leader = job is None
+            if job is None:
+                job = self._jobs[job_key] = _Job()
+            else:
+                job.waiters += 1
+        if not leader:
+            return self._follow(job, present)
+        try:
+            job.result = self._lead(job, job_key, read, start, present)
+            return job.result
+        except BaseException as exc:
+            job.error = exc
+            raise
+        finally:
+            with self._lock:
+                if self._jobs.get(job_key) is job:
+                    del self._jobs[job_key]
+            job.done.set()
+
+    def _follow(self, job: _Job, present: Present) -> int:
+        while not job.done.wait(POLL_SECONDS):
+            if not present():
+                with self._lock:
+                    job.waiters -= 1
+                raise ClientGoneError("the client went away while its CRC-32s were being computed")
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    def _lead(
+        self,
+        job: _Job,
+        job_key: tuple[Key, int],
+        read: Callable[[int, int], Iterable[bytes]],
+        start: Checkpoint,
+        present: Present,
+    ) -> int:
+        mine = [True]  # whether this request's own client still wants the result
+
+        def wanted() -> bool:
+            """False once no waiting request has its client: the job is then withdrawn."""
+            if mine[0] and not present():
+                mine[0] = False
+                with self._lock:
+                    job.waiters -= 1
+            with self._lock:
+                if job.waiters > 0:
+                    return True
+                if self._jobs.get(job_key) is job:
+                    del self._jobs[job_key]  # a request arriving now starts afresh
+                return False
+
+        while not self._slots.acquire(timeout=POLL_SECONDS):
+            if not wanted():
+                raise ClientGoneError("the client went away while waiting to compute CRC-32s")
+        key, stop = job_key
+        points: list[Checkpoint] = []
+        try:
+            position = looked = start[0]
+            for piece in checkpointed(read(start[0], stop), start, points):
+                position += len(piece)
+                if position - looked >= LOOK_EVERY:
+                    looked = position
+                    if not wanted():
+                        raise ClientGoneError("nobody waits for these CRC-32s any more")
+        except ClientGoneError:
+            self.keep_checkpoints(key, points)
+            raise
+        finally:
+            self._slots.release()
+        offset, crc = points[-1]
+        if offset == key[2]:
+            if self.crc_cache is not None:
+                self.crc_cache.put_many({key: crc})
+        else:
+            self.keep_checkpoints(key, points)
+        return crc
+
+    def keep_checkpoints(self, key: Key, points: list[Checkpoint]) -> None:
+        """Store checkpoints, if the cache keeps them, so the work is not lost."""
+        keep: Any = getattr(self.crc_cache, "put_checkpoints", None)
+        if points and callable(keep):
+            keep(key, points)
