@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+# The demo's port: `make demo PORT=8080` (or PORT in the environment) when 8000 is taken.
+PORT   ?= 8000
 
 .PHONY: venv demo test lint bench bench-ranges clean
 
@@ -14,8 +16,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# -b on the command line replaces gunicorn.conf.py's bind (it is not added to it).
 demo: $(STAMP)
-	cd examples && ../$(BIN)/gunicorn -c gunicorn.conf.py flask_app:app
+	cd examples && ../$(BIN)/gunicorn -c gunicorn.conf.py -b 127.0.0.1:$(PORT) flask_app:app
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)

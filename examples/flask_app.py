@@ -1,7 +1,7 @@
 """A small game library: Flask serves the pages, zipmiddleware serves the downloads.
 
 Run it with ``make demo`` (gunicorn, see gunicorn.conf.py) or ``python flask_app.py``, then open
-http://127.0.0.1:8000/ (``python flask_app.py``: port 5000).
+http://127.0.0.1:8000/ (``make demo PORT=8080``: port 8080; ``python flask_app.py``: port 5000).
 
 A download goes as in the systems this grew from:
 
@@ -9,9 +9,9 @@ A download goes as in the systems this grew from:
 2. A background thread prepares the download (here it only waits, then looks at the game's
    folder) and sets the row to 'available' (one file), 'streaming_ready' (a folder, zipped as
    it is sent) or 'failed' (with the reason in its ``error`` column, which users never see).
-3. The page polls /requests/<id>; once the row is ready it fetches /download/<id>, which
-   zipmiddleware answers from the row alone through its built-in ``sql`` resolver: this app
-   holds no download code, only configuration.
+3. The page polls /requests/<id>; once the row is ready it shows a "Save" link to
+   /download/<id>, which the user clicks. zipmiddleware answers it from the row alone through its
+   built-in ``sql`` resolver: this app holds no download code, only configuration.
 
 Environment:
 
@@ -394,8 +394,10 @@ async function download(row) {
     link.href = job.download_url;
     link.download = "";  // the server names the file
     link.textContent = `Save ${job.download_name}`;
+    // The user starts the download with this link. A script's link.click() once polling ends
+    // is an automatic download to the browser, and a page gets one of those until the user
+    // acts again (Chromium drops the rest): of two games ready with no click between, one was lost.
     show(row, "ready", link);
-    link.click();  // start the download once; the link stays for another try
   } catch (error) {
     console.error(error);
     showError(row, "Something went wrong. Please try again.");

@@ -3,12 +3,13 @@
     with DemoServer(tmp_path / "data", prepare_seconds=1) as demo:
         urllib.request.urlopen(demo.url + "/")
 
-The command is the Makefile's, ``cd examples && gunicorn -c gunicorn.conf.py flask_app:app``,
-with one option more, ``-b 127.0.0.1:PORT`` on a free port (a port taken between the choice
-and gunicorn's start is retried). Everything else comes from examples/gunicorn.conf.py: gthread,
-2 workers, 8 threads, preload_app. ``ZM_DEMO_*`` variables point the demo at ``data`` and make
-it quick; ``XDG_RUNTIME_DIR`` points gunicorn's control socket into a private folder, so that
-it does not replace the one of a demo already running on this machine.
+The command is the Makefile's ``make demo PORT=...`` (test_demo.py checks the two agree),
+``cd examples && gunicorn -c gunicorn.conf.py -b 127.0.0.1:PORT flask_app:app``, with PORT a
+free port (a port taken between the choice and gunicorn's start is retried). Everything else
+comes from examples/gunicorn.conf.py: gthread, 2 workers, 8 threads, preload_app. ``ZM_DEMO_*``
+variables point the demo at ``data`` and make it quick; ``XDG_RUNTIME_DIR`` points gunicorn's
+control socket into a private folder, so that it does not replace the one of a demo already
+running on this machine.
 """
 
 from __future__ import annotations

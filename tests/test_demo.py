@@ -9,9 +9,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
+import re
+import shlex
 import shutil
 import sqlite3
 import struct
+import subprocess
 import sys
 import time
 import urllib.error
@@ -31,6 +35,7 @@ from webtest import TestApp
 from .clients import read_headers, run, unavailable, wait_for
 from .clients import request as http_request
 from .demo_server import DemoServer
+from .servers import PROJECT
 from .test_examples import EXAMPLES, EXCLUDED_DIRS, download_paths, expected_entries, read_zip, sha256
 from .test_zip64 import crc32_of_zeros
 
@@ -502,12 +507,67 @@ def tools() -> None:
             unavailable(f"{tool} is not installed")
 
 
+def make_demo_words(*arguments: str, env: dict[str, str] | None = None) -> list[str]:
+    """The command ``make -n demo`` prints (a dry run: nothing starts), split into words."""
+    if shutil.which("make") is None:
+        unavailable("make is not installed")
+    # Neither a PORT of this shell nor the flags of a `make test` running these tests may leak in.
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("PORT", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")
+    }
+    environment.update(env or {})
+    result = subprocess.run(
+        ["make", "-n", "demo", *arguments],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    # Only the demo's own line: a stale .venv would add the lines that rebuild it.
+    (line,) = [line for line in result.stdout.splitlines() if "gunicorn.conf.py" in line]
+    return shlex.split(line)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "env", "port"),
+    [((), {}, 8000), (("PORT=8123",), {}, 8123), ((), {"PORT": "8124"}, 8124)],
+    ids=["default", "make-variable", "environment"],
+)
+def test_make_demo_binds_the_chosen_port(arguments: tuple[str, ...], env: dict[str, str], port: int) -> None:
+    """`make demo PORT=8123` (or PORT in the environment) is the way round a busy port 8000.
+    DemoServer runs this very command on a free port, so the tests start the demo as users do."""
+    words = make_demo_words(*arguments, env=env)
+    assert words[:3] == ["cd", "examples", "&&"]
+    assert Path(words[3]).name == "gunicorn"
+    assert words[4:] == ["-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{port}", "flask_app:app"]
+    demo = DemoServer(Path("unused"))
+    demo.port = port
+    assert words[4:] == demo.command[1:]
+
+
+def test_readme_lists_the_packages_ci_installs() -> None:
+    """The README's Quick start names the system packages the tests need: those of .ci/run."""
+    readme = (PROJECT / "README.md").read_text(encoding="utf-8")
+    quick_start = readme[readme.index("## Quick start") : readme.index("## Set-ups")]
+    (documented,) = re.findall(r"`apt-get install ([^`]*)`", quick_start)
+    ci = (PROJECT / ".ci" / "run").read_text(encoding="utf-8").replace("\\\n", " ")
+    (installed,) = re.findall(r"apt-get install (.*)", ci)
+    assert documented.split() == [word for word in installed.split() if not word.startswith("-")]
+
+
 @pytest.mark.server
 @pytest.mark.usefixtures("tools")
 def test_demo_under_gunicorn_as_make_demo_runs_it(tmp_path: Path) -> None:
     data = tmp_path / "data"
     with DemoServer(data, prepare_seconds=1) as demo:
         assert wait_for(lambda: len(demo.worker_pids()) == 2, timeout=15)  # gunicorn.conf.py was read
+        # -b replaced the config file's bind (127.0.0.1:8000) rather than adding to it.
+        assert re.findall(r"Listening at: (\S+)", demo.log()) == [demo.url]
         status, headers, body = call(demo, "/")
         assert status == 200 and headers.get_content_type() == "text/html"
         rows = GameRows(body.decode()).rows

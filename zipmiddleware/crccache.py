@@ -23,6 +23,7 @@ read or written is logged once and replaced by memory for the rest of the proces
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -120,10 +121,8 @@ def default_path() -> str:
 
 def _private_folder(folder: str) -> None:
     """Create ``folder`` for this user only, or check that it is this user's and private."""
-    try:
+    with contextlib.suppress(FileExistsError):
         os.mkdir(folder, 0o700)
-    except FileExistsError:
-        pass
     st = os.lstat(folder)  # never follow a link someone else planted in /tmp
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
         raise PermissionError(f"{folder} is not a private folder of this user")
@@ -383,10 +382,8 @@ class SQLiteCrcCache:
 
     def _disconnect(self) -> None:
         if self._connection is not None:
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 self._connection.close()
-            except sqlite3.Error:
-                pass
             self._connection = None
 
 
