@@ -311,8 +311,15 @@ def make_app(folder: Path, cache: SQLiteCrcCache, chunk_size: int) -> ZipMiddlew
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]
 
+    # No cold_range_limit: this measures what a cold range costs when it is served (see
+    # cold_ranges.py for the limit, which answers such ranges with the whole archive).
     return ZipMiddleware(
-        not_found, routes={"/z": resolve}, roots=[str(folder)], crc_cache=cache, chunk_size=chunk_size
+        not_found,
+        routes={"/z": resolve},
+        roots=[str(folder)],
+        crc_cache=cache,
+        chunk_size=chunk_size,
+        cold_range_limit=1 << 62,
     )
 
 

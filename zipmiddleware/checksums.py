@@ -9,8 +9,10 @@ ask for 100 bytes, make the server read gigabytes, hang up, repeat in parallel.
 So here, per process:
 
 - requests that need the same CRC-32 at the same time share one computation;
-- at most ``concurrency`` computations run at once (the rest wait their turn), so
-  cold work cannot starve the requests that send data;
+- at most ``concurrency`` computations run at once (the rest wait their turn), and at
+  most ``MAX_TAKING_PART`` requests compute or wait (:meth:`ColdCrcWork.crowded`: the
+  middleware then sends the whole archive instead), so cold work cannot starve the
+  requests that send data;
 - a computation stops as soon as no request waiting for it still has its client
   (checked every few MiB), and what it learnt so far is kept as checkpoints, so the
   next attempt starts from there.
@@ -35,9 +37,15 @@ from .types import WSGIEnvironment
 
 logger = logging.getLogger("zipmiddleware")
 
-# How often a waiting or computing request looks whether its client is still there.
-POLL_SECONDS = 0.2
+# How often a waiting or computing request looks whether its client is still there: one
+# poll(2) each time, so often enough that an abandoned computation reads little more.
+POLL_SECONDS = 0.05
 LOOK_EVERY = 4 * 1024 * 1024  # bytes read between two looks
+# Requests of one process that may take part in cold work at once (computing or waiting for
+# it). Each holds a request thread meanwhile; beyond this, a range needing more than one
+# checkpoint interval of cold work is answered with the whole archive rather than wait, so
+# cold work ties up few threads (honest resumes, which need less, always wait their turn).
+MAX_TAKING_PART = 4
 
 
 class ClientGoneError(StreamError):
@@ -112,8 +120,12 @@ class _Job:
 class ColdCrcWork:
     """Per-process registry of cold CRC-32 computations (see the module's docstring)."""
 
-    def __init__(self, crc_cache: CrcCache | None, concurrency: int = 1) -> None:
+    def __init__(
+        self, crc_cache: CrcCache | None, concurrency: int = 1, max_taking_part: int = MAX_TAKING_PART
+    ) -> None:
         self.crc_cache = crc_cache
+        self.max_taking_part = max_taking_part
+        self.taking_part = 0  # requests inside prefix() now
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(concurrency)
         self._jobs: dict[tuple[Key, int], _Job] = {}
@@ -132,7 +144,28 @@ class ColdCrcWork:
         Raises :class:`ClientGoneError` when this request's client goes away first, or the
         reader's :class:`StreamError` (shared by every request waiting for it).
         """
+        if not present():  # gone already (a request that waited in the server's queue)
+            raise ClientGoneError("the client went away before its CRC-32s were computed")
         job_key = (key, stop)
+        with self._lock:
+            self.taking_part += 1
+        try:
+            return self._share(job_key, read, start, present)
+        finally:
+            with self._lock:
+                self.taking_part -= 1
+
+    def crowded(self) -> bool:
+        """Whether as many requests as allowed already compute or wait for cold work."""
+        return self.taking_part >= self.max_taking_part
+
+    def _share(
+        self,
+        job_key: tuple[Key, int],
+        read: Callable[[int, int], Iterable[bytes]],
+        start: Checkpoint,
+        present: Present,
+    ) -> int:
         with self._lock:
             job = self._jobs.get(job_key)
             leader = job is None
@@ -191,6 +224,9 @@ class ColdCrcWork:
         while not self._slots.acquire(timeout=POLL_SECONDS):
             if not wanted():
                 raise ClientGoneError("the client went away while waiting to compute CRC-32s")
+        if not wanted():
+            self._slots.release()
+            raise ClientGoneError("the client went away while waiting to compute CRC-32s")
         key, stop = job_key
         points: list[Checkpoint] = []
         try:

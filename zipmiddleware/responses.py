@@ -15,7 +15,7 @@ from werkzeug.wsgi import wrap_file
 from .checksums import ColdCrcWork, client_presence
 from .conditional import FULL, Outcome, Validators, evaluate
 from .config import Settings
-from .crccache import CrcCache
+from .crccache import CHECKPOINT_EVERY, CrcCache
 from .errors import RefusedError, StreamError
 from .names import content_disposition
 from .planning import NOT_FOUND, SERVER_ERROR, FilePlan, FileSnapshot, ZipPlan, close_sources, reopen
@@ -161,17 +161,20 @@ def zip_response(
         if outcome.status == 206:
             part = archive_range(outcome.start, outcome.stop)
             cold = part.cold_bytes
-            if cold <= settings.cold_range_limit:
+            # Small cold work (an honest resume's head, at most one checkpoint interval) always
+            # waits its turn; more waits only while few requests already do (see checksums.py).
+            if cold <= settings.cold_range_limit and not (cold > CHECKPOINT_EVERY and cold_work.crowded()):
                 body = part
             else:
                 logger.info(
-                    "range %d-%d of %s would read %d bytes it does not send (cold_range_limit %d): "
+                    "range %d-%d of %s would read %d bytes it does not send (cold_range_limit %d%s): "
                     "sending the whole archive instead",
                     outcome.start,
                     outcome.stop - 1,
                     plan.download_name,
                     cold,
                     settings.cold_range_limit,
+                    "" if cold > settings.cold_range_limit else "; enough requests wait for cold work already",
                 )
                 outcome = FULL
     else:
