@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 # The demo's port: `make demo PORT=8080` (or PORT in the environment) when 8000 is taken.
 PORT   ?= 8000
 
-.PHONY: venv demo test lint bench bench-ranges clean
+.PHONY: venv demo test lint bench bench-ranges bench-cold clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,9 @@ bench: $(STAMP)
 
 bench-ranges: $(STAMP)
 	$(BIN)/python bench/range_resume.py
+
+bench-cold: $(STAMP)
+	$(BIN)/python bench/cold_ranges.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
