@@ -305,7 +305,7 @@ def _crc_cache(key: str, value: Any) -> CrcCache | None:
             cache = SQLiteCrcCache(value)
             cache.check_writable_as(_worker_user())
         except (ValueError, OSError, sqlite3.Error) as exc:
-            raise ConfigError(key, f"expected an SQLite file the workers can write: {exc}") from None
+            raise ConfigError(key, f"expected an SQLite file the workers can write, {value!s}: {exc}") from None
         return cache
     if isinstance(value, CrcCache):
         return value

@@ -54,10 +54,26 @@ class FileSnapshot:
     size: int
     mtime: float
     identity: tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+    changed: tuple[int, int] = (0, 0)  # st_ctime_ns, st_nlink
 
     @classmethod
     def of(cls, path: str, st: os.stat_result) -> FileSnapshot:
-        return cls(path, st.st_size, st.st_mtime, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(path, st.st_size, st.st_mtime, identity, (st.st_ctime_ns, st.st_nlink))
+
+    def unchanged(self, st: os.stat_result) -> bool:
+        """Whether ``st`` (an fstat of this file, taken after reading) shows the same content.
+
+        Size and mtime catch ordinary writes. A rewrite that sets the mtime back (``rsync
+        --inplace --times``, ``cp -p`` over the file, ``touch -r``) still moves the ctime,
+        which nothing can set back; so does unlinking the file when a new version is renamed
+        over it, which leaves this inode's data as they were: a ctime that moved with the link
+        count is no change of content. (A chmod or chown while it is sent aborts it too.)
+        """
+        if (st.st_size, st.st_mtime_ns) != self.identity[2:]:
+            return False
+        ctime_ns, links = self.changed
+        return st.st_ctime_ns == ctime_ns or st.st_nlink != links
 
 
 def reopen(file: FileSnapshot) -> int:

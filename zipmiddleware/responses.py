@@ -97,7 +97,7 @@ class FileRange:
         while remaining > 0:
             data = self.file.read(min(self.chunk_size, remaining))
             st = os.fstat(fd)
-            if not data or (st.st_size, st.st_mtime_ns) != self.checked.identity[2:]:
+            if not data or not self.checked.unchanged(st):
                 logger.error("download aborted: %r changed while it was sent", self.checked.path)
                 raise StreamError(f"{self.checked.path!r} changed while it was sent")
             remaining -= len(data)

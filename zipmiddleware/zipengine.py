@@ -726,12 +726,14 @@ def read_file(
             if not data:
                 raise StreamError(f"{arcname!r}: shorter than its {file.size} bytes")
             remaining -= len(data)
+            if not remaining:  # checked before the last piece goes out, not after
+                if stop == file.size and os.read(fd, 1):
+                    raise StreamError(f"{arcname!r}: longer than its {file.size} bytes")
+                # A write changes mtime or ctime before its data can be read, so whatever
+                # was read so far is the checked version if this still holds.
+                if not file.unchanged(os.fstat(fd)):
+                    raise StreamError(f"{arcname!r}: modified while being read")
             yield data
-        if stop == file.size and os.read(fd, 1):
-            raise StreamError(f"{arcname!r}: longer than its {file.size} bytes")
-        st = os.fstat(fd)
-        if (st.st_size, st.st_mtime_ns) != file.identity[2:]:
-            raise StreamError(f"{arcname!r}: modified while being read")
     finally:
         os.close(fd)
 
