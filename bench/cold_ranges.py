@@ -104,7 +104,7 @@ class Server:
         self.tree, self.data, self.small, self.limit = tree, data, small, limit
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
-        self.log = tempfile.NamedTemporaryFile(prefix="cold-ranges-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(prefix="cold-ranges-", suffix=".log", delete=False)  # noqa: SIM115
 
     def __enter__(self) -> Server:
         with socket.socket() as probe:

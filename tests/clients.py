@@ -147,3 +147,130 @@ def curl_download(url: str, folder: Path, name: str) -> Download:
     assert status == 200
     assert headers["content-length"] == [str(size_of(path))]
     return Download(path, sha256_file(path), size_of(path), headers)
+
+
+# -- raw sockets: clients that read as slowly as a test says, or not at all ---------------------
+
+
+def connect(
+    host: str, port: int, *, source: str = "127.0.0.1", receive_buffer: int | None = None, timeout: float = 10
+) -> socket.socket:
+    """A TCP connection from ``source`` (any of 127.0.0.0/8 reaches loopback: a second client
+    address for per-address limits). ``receive_buffer`` fixes SO_RCVBUF, so that a client that
+    stops reading holds a known, small amount in its kernel buffer."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if receive_buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.bind((source, 0))
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def send_get(sock: socket.socket, path: str, headers: dict[str, str] | None = None) -> None:
+    """Send a complete HTTP/1.1 GET for ``path`` (no keep-alive unless ``headers`` asks for it)."""
+    lines = [f"GET {path} HTTP/1.1", "Host: localhost", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    if not any(k.lower() == "connection" for k in headers or {}):
+        lines.append("Connection: close")
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+
+@dataclass
+class RawResponse:
+    """The head of a response read from a raw socket, and the body bytes read with it."""
+
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+    @property
+    def length(self) -> int:
+        return int(self.headers["content-length"])
+
+
+def read_head(sock: socket.socket) -> RawResponse:
+    """Read until the end of the response head; the bytes read past it start ``body``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"connection closed before the end of the head: {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return RawResponse(int(status_line.split()[1]), headers, body)
+
+
+def read_paced(sock: socket.socket, rate: float, seconds: float, piece: int = 8192) -> bytes:
+    """Read at ``rate`` bytes per second for ``seconds`` (less if the body ends first)."""
+    data = bytearray()
+    began = time.monotonic()
+    while (now := time.monotonic()) - began < seconds:
+        allowed = int(rate * (now - began)) - len(data)
+        if allowed < piece:
+            time.sleep(piece / rate / 4)
+            continue
+        chunk = sock.recv(min(allowed, 65536))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def read_to_end(sock: socket.socket, timeout: float = 30) -> tuple[bytes, str]:
+    """Everything until the connection ends: the bytes, and how it ended ("eof", "reset" or "timeout")."""
+    data = bytearray()
+    sock.settimeout(timeout)
+    try:
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        return bytes(data), "reset"
+    except TimeoutError:
+        return bytes(data), "timeout"
+    return bytes(data), "eof"
+
+
+def response_complete(answer: bytes) -> bool:
+    """Whether ``answer`` holds a whole response: its head, then ``Content-Length`` bytes or the
+    last chunk (a response with neither ends only when the connection does)."""
+    head, found, body = answer.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    fields = head.decode("latin-1").lower().split("\r\n")[1:]
+    headers = dict(line.split(":", 1) for line in fields if ":" in line)
+    if "content-length" in headers:
+        return len(body) >= int(headers["content-length"])
+    return "chunked" in headers.get("transfer-encoding", "") and body.endswith(b"0\r\n\r\n")
+
+
+def time_request(host: str, port: int, path: str, timeout: float, source: str = "127.0.0.1") -> float | None:
+    """Seconds until a complete 200 answer to GET ``path`` on a new connection; None if it did not
+    come within ``timeout`` seconds. (Counted to the answer's last byte, not to the connection's
+    end: gunicorn may close it later.)"""
+    began = time.monotonic()
+    try:
+        with connect(host, port, source=source, timeout=timeout) as sock:
+            send_get(sock, path)
+            answer = b""
+            while not response_complete(answer):
+                remaining = timeout - (time.monotonic() - began)
+                if remaining <= 0:
+                    return None
+                sock.settimeout(remaining)
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+    except TimeoutError:
+        return None
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    return time.monotonic() - began

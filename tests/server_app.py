@@ -15,6 +15,15 @@ Environment:
     Optional ``chunk_size`` for the middleware (default 65536).
 ``ZM_TEST_CRC_CACHE``
     Optional ``crc_cache`` path (an SQLite file); default: in memory.
+``ZM_TEST_COLD_RANGE_LIMIT``
+    Optional ``cold_range_limit`` (bytes, or with a unit: ``"64 MiB"``). Passed only when
+    set and when the middleware has the setting, so that this app also runs on an older
+    commit (where a test shows the defect the setting fixed).
+``ZM_TEST_STALL_TIMEOUT``
+    Optional ``stall_timeout`` in seconds (default 60; 0 turns it off).
+``ZM_TEST_LOG_LEVEL``
+    Optional level (``INFO``, ``DEBUG`` ...) from which the middleware's messages reach
+    gunicorn's log; unset, only warnings and errors do (Python's last-resort handler).
 
 Routes (every ``<path:...>`` is relative to ``ZM_TEST_DATA``):
 
@@ -42,12 +51,15 @@ Anything else reaches the plain app, which answers ``200 plain app``.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from zipmiddleware import Failed, FileTarget, Pending, ZipEntry, ZipMiddleware, ZipTarget
+from zipmiddleware.config import Settings
 
 DATA = os.environ["ZM_TEST_DATA"]
 MARKERS = os.environ.get("ZM_TEST_MARKERS") or None
@@ -141,6 +153,14 @@ def marked(request: Any, name: str) -> ZipTarget:
     return ZipTarget(entries, download_name="marked.zip")
 
 
+def optional_settings() -> dict[str, str]:
+    """Settings given only when their variable is set and this version of the middleware
+    knows them (see ``ZM_TEST_COLD_RANGE_LIMIT``)."""
+    known = {setting.name for setting in dataclasses.fields(Settings)}
+    names = {"ZM_TEST_COLD_RANGE_LIMIT": "cold_range_limit"}
+    return {key: os.environ[name] for name, key in names.items() if os.environ.get(name) and key in known}
+
+
 app = ZipMiddleware(
     plain_app,
     routes={
@@ -159,6 +179,8 @@ app = ZipMiddleware(
     ignore=["*.nfo"],
     chunk_size=int(os.environ.get("ZM_TEST_CHUNK_SIZE", "65536")),
     crc_cache=os.environ.get("ZM_TEST_CRC_CACHE") or None,
+    **optional_settings(),
+    stall_timeout=os.environ.get("ZM_TEST_STALL_TIMEOUT", "60"),
 )
 
 
@@ -208,3 +230,12 @@ def warm_up() -> None:
 
 if os.environ.get("ZM_TEST_WARMUP"):
     warm_up()
+
+
+if os.environ.get("ZM_TEST_LOG_LEVEL"):
+    # A handler of its own: the middleware's info messages (e.g. what a folder's walk skipped)
+    # then reach gunicorn's log too, which is this process's stderr.
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("zipmiddleware %(levelname)s: %(message)s"))
+    logging.getLogger("zipmiddleware").addHandler(_handler)
+    logging.getLogger("zipmiddleware").setLevel(os.environ["ZM_TEST_LOG_LEVEL"])

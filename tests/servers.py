@@ -6,7 +6,7 @@
         open_fds(server.worker_pid)
 
 ``GunicornServer(app_spec, *, pythonpath=(), chdir=None, env=None, args=(),
-threads=4, wrapper=(), ready_path="/", start_timeout=20, stop_timeout=10)``
+threads=4, wrapper=(), ready_path="/", start_timeout=20, stop_timeout=10, config=None)``
 
 * The listening socket is bound here (127.0.0.1, a free port) and handed to
   gunicorn as ``--bind fd://N``, so there is no race for the port.
@@ -14,6 +14,9 @@ threads=4, wrapper=(), ready_path="/", start_timeout=20, stop_timeout=10)``
   options (for example ``["--user", "nobody", "--group", "nogroup"]``).
 * ``wrapper`` is a command put in front of gunicorn, e.g.
   ``["strace", "-f", "-o", LOG, "-e", "trace=sendfile"]``.
+* ``config`` is a gunicorn configuration file (``examples/gunicorn.conf.py``) to run as it
+  is: gunicorn then gets only ``--config``, the listening socket and the pid file (not the
+  worker class, workers, threads or timeouts this class otherwise sets).
 * Start-up waits until an HTTP request to ``ready_path`` gets any answer.
 * ``url`` is ``http://127.0.0.1:PORT``; ``master_pid`` comes from gunicorn's
   pid file; ``worker_pid`` is the (single) worker, found in ``/proc``.
@@ -77,6 +80,42 @@ def children(pid: int) -> list[int]:
 def open_fds(pid: int) -> int:
     """How many file descriptors process ``pid`` holds open."""
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def read_bytes(pid: int) -> int:
+    """Bytes process ``pid`` (all its threads) has read so far: ``rchar`` of /proc/<pid>/io.
+
+    It counts what read(2), pread(2), readv(2) and sendfile(2) returned, whether the bytes
+    came from disk, the page cache or a sparse file's holes, so it measures how much file
+    data a worker went through, not how much hit the disk. Socket reads made with recv(2),
+    as gunicorn reads requests, are not counted.
+    """
+    with open(f"/proc/{pid}/io") as file:
+        return next(int(line.split()[1]) for line in file if line.startswith("rchar:"))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time process ``pid`` (all its threads) has used so far."""
+    with open(f"/proc/{pid}/stat", "rb") as file:
+        stat = file.read()
+    # After "pid (comm) " the fields start at the state (field 3 of proc(5)); utime and
+    # stime are fields 14 and 15.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_memory(pid: int) -> int:
+    """The largest resident set process ``pid`` has had (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as file:
+        line = next(line for line in file if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def reset_peak_memory(pid: int) -> None:
+    """Start process ``pid``'s VmHWM again from its current resident set (Linux 4.0+; needs the
+    right to ptrace it), so that :func:`peak_memory` measures what comes next."""
+    with open(f"/proc/{pid}/clear_refs", "w") as file:
+        file.write("5")
 
 
 def alive(pid: int) -> bool:
@@ -150,8 +189,10 @@ class GunicornServer(ServerProcess):
         ready_path: str = "/",
         start_timeout: float = 20.0,
         stop_timeout: float = 10.0,
+        config: str | os.PathLike[str] | None = None,
     ) -> None:
         self.app_spec = app_spec
+        self.config = os.fspath(config) if config is not None else None
         self.label = app_spec
         self.pythonpath = [os.fspath(p) for p in pythonpath]
         self.chdir = os.fspath(chdir) if chdir is not None else None
@@ -213,15 +254,20 @@ class GunicornServer(ServerProcess):
             fd = listener.fileno()
             os.set_inheritable(fd, True)
             pidfile = os.path.join(self._workdir, "gunicorn.pid")
-            options = {
-                "--worker-class": "gthread",
-                "--workers": "1",
-                "--threads": str(self.threads),
-                "--bind": f"fd://{fd}",
-                "--pid": pidfile,
-                "--graceful-timeout": "3",  # stop() must not wait 30 s for streams in flight
-                "--log-level": "info",
-            }
+            options: dict[str, str] = {"--bind": f"fd://{fd}", "--pid": pidfile}
+            if self.config is not None:
+                # A configuration file is run as it is: only where to listen and the pid file differ.
+                options["--config"] = self.config
+            else:
+                options.update(
+                    {
+                        "--worker-class": "gthread",
+                        "--workers": "1",
+                        "--threads": str(self.threads),
+                        "--graceful-timeout": "3",  # stop() must not wait 30 s for streams in flight
+                        "--log-level": "info",
+                    }
+                )
             command = [*self.wrapper, gunicorn_executable(), "--no-control-socket"]
             for option, value in options.items():
                 command += [option, value]

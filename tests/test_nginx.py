@@ -20,17 +20,14 @@ file", and in the access log as how far nginx read from gunicorn ahead of what i
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import pwd
-import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,22 +38,20 @@ from .clients import (
     Download,
     assert_good_zip,
     curl_download,
-    free_port,
     kill_part_way,
     read_headers,
     run,
     sha256_file,
     size_of,
-    unavailable,
     wait_for,
 )
-from .servers import PROJECT, GunicornServer, alive, children
+from .nginx import AccessEntry, Nginx, nginx_executable
+from .servers import PROJECT, GunicornServer
 
 pytestmark = pytest.mark.server
 
 MIB = 1024 * 1024
 APP = "tests.server_app:app"
-NGINX = "/usr/sbin/nginx"
 SPOOL_WARNING = "an upstream response is buffered to a temporary file"
 
 # About 44 MB of random data. The direct file is large enough that nginx still has much of it
@@ -84,8 +79,8 @@ KEPT_HEADERS = (
     "cache-control",
 )
 
-# Locations of the nginx configuration (see CONFIG): nginx's defaults (proxy_buffering on), the
-# README's download location (proxy_buffering off), and one that ignores X-Accel-Buffering.
+# Locations of the nginx configuration (see CONFIG): nginx's defaults (proxy_buffering on, as in
+# examples/nginx.conf), proxy_buffering off, and one that ignores X-Accel-Buffering.
 BUFFERED = "/"
 UNBUFFERED = "/unbuffered/"
 IGNORING = "/ignoring-accel/"
@@ -93,6 +88,8 @@ IGNORING = "/ignoring-accel/"
 CONFIG = """\
 {user}
 worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log info;
 worker_shutdown_timeout 3s;
 events {{ worker_connections 256; }}
 http {{
@@ -131,159 +128,16 @@ http {{
 """
 
 
-class Nginx:
-    """An nginx master in the foreground (``daemon off``) with one worker, reverse proxy to ``upstream``."""
+def render(upstream: str) -> Callable[[Path, int], str]:
+    """CONFIG for a server on ``port`` proxying to ``upstream``, everything it writes under ``prefix``."""
 
-    def __init__(self, executable: str, prefix: Path, upstream: str) -> None:
-        self.executable = executable
-        self.prefix = prefix
-        self.upstream = upstream
-        self.host = "127.0.0.1"
-        self.port = 0
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def proxy_temp(self) -> Path:
-        return self.prefix / "proxy_temp"
-
-    def start(self) -> Nginx:
-        # nginx binds the port itself: take a free one, and try another should it be gone by then.
-        for _ in range(5):
-            if self._start_on(free_port()):
-                return self
-        raise RuntimeError(f"nginx did not start:\n{self.logs()}")
-
-    def _start_on(self, port: int) -> bool:
-        self.port = port
-        user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
+    def config(prefix: Path, port: int) -> str:
         # Without "user", workers of a root master run as nobody, who cannot enter pytest's
         # private (0700) temporary folder: spooled responses would fail to be written.
-        config = CONFIG.format(user=user, prefix=self.prefix, port=port, upstream=self.upstream)
-        (self.prefix / "nginx.conf").write_text(config)
-        for log in ("error.log", "access.log", "nginx.out"):
-            (self.prefix / log).write_bytes(b"")
-        directives = (
-            f"daemon off; master_process on; pid {self.prefix}/nginx.pid; "
-            f"error_log {self.prefix}/error.log info;"
-        )
-        command = [
-            self.executable,
-            "-p",
-            f"{self.prefix}/",
-            "-c",
-            f"{self.prefix}/nginx.conf",
-            "-g",
-            directives,
-        ]
-        with open(self.prefix / "nginx.out", "wb") as out:
-            self.process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.process = None
-                if "Address already in use" in self.logs():
-                    return False
-                raise RuntimeError(f"nginx exited during start-up:\n{self.logs()}")
-            if self._answers():
-                return True
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"nginx did not answer within 10 s:\n{self.logs()}")
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
+        return CONFIG.format(user=user, prefix=prefix, port=port, upstream=upstream)
 
-    def _answers(self) -> bool:
-        try:
-            with socket.create_connection((self.host, self.port), timeout=1) as connection:
-                connection.sendall(b"GET /nginx-ready HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                answer = b""
-                while chunk := connection.recv(4096):
-                    answer += chunk
-        except OSError:
-            return False
-        return answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\nnginx\n")
-
-    def stop(self) -> None:
-        """SIGQUIT (graceful), then SIGKILL to the whole process group. Idempotent."""
-        process = self.process
-        if process is None:
-            return
-        workers = self.worker_pids()
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGQUIT)
-            try:
-                process.wait(timeout=8)  # worker_shutdown_timeout cuts open downloads after 3 s
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-        # A worker whose master was killed would linger: kill it if it is still in our group.
-        for pid in workers:
-            with contextlib.suppress(OSError):
-                if alive(pid) and os.getpgid(pid) == process.pid:
-                    os.kill(pid, signal.SIGKILL)
-        self.process = None
-
-    def worker_pids(self) -> list[int]:
-        assert self.process is not None
-        return [pid for pid in children(self.process.pid) if alive(pid)]
-
-    def open_temp_files(self) -> dict[str, int]:
-        """Files under proxy_temp the workers hold open (deleted ones included) and their sizes."""
-        found = {}
-        for pid in self.worker_pids():
-            with contextlib.suppress(FileNotFoundError):
-                for fd in os.listdir(f"/proc/{pid}/fd"):
-                    with contextlib.suppress(OSError):
-                        target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                        if target.startswith(f"{self.proxy_temp}/"):
-                            found[target] = os.stat(f"/proc/{pid}/fd/{fd}").st_size
-        return found
-
-    def temp_folder_entries(self) -> list[str]:
-        return sorted(str(path.relative_to(self.proxy_temp)) for path in self.proxy_temp.rglob("*"))
-
-    def error_log(self) -> str:
-        return (self.prefix / "error.log").read_text(errors="replace")
-
-    def access_entries(self, uri: str) -> list[AccessEntry]:
-        """The access log's lines for requests of ``uri`` (each written when its request ended)."""
-        entries = []
-        for line in (self.prefix / "access.log").read_text(errors="replace").splitlines():
-            uri_field, status, upstream_status, sent, received, upstream_accel, sent_accel = line.split(" ")
-            if uri_field == uri:
-                entries.append(
-                    AccessEntry(
-                        int(status), upstream_status, int(sent), int(received), upstream_accel, sent_accel
-                    )
-                )
-        return entries
-
-    def logs(self) -> str:
-        parts = []
-        for name in ("nginx.out", "error.log"):
-            with contextlib.suppress(FileNotFoundError):
-                parts.append(f"--- {name} ---\n{(self.prefix / name).read_text(errors='replace')[-10000:]}")
-        return "\n".join(parts)
-
-
-@dataclass(frozen=True)
-class AccessEntry:
-    status: int  # what nginx answered
-    upstream_status: str  # what gunicorn answered
-    body_bytes_sent: int
-    upstream_bytes_received: int
-    upstream_x_accel_buffering: str  # what gunicorn sent ("-": none)
-    sent_x_accel_buffering: str  # what nginx passed on to the client ("-": none)
+    return config
 
 
 def probe_uri(path: str) -> str:
@@ -295,11 +149,8 @@ def probe_uri(path: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def nginx_executable() -> str:
-    found = shutil.which("nginx") or (NGINX if os.access(NGINX, os.X_OK) else None)
-    if found is None:
-        unavailable("nginx is not installed (Debian: nginx)")
-    return found
+def executable() -> str:
+    return nginx_executable()
 
 
 @pytest.fixture(scope="module")
@@ -313,16 +164,16 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gunicorn(nginx_executable: str, data: Path) -> Iterator[GunicornServer]:
+def gunicorn(executable: str, data: Path) -> Iterator[GunicornServer]:
     with GunicornServer(APP, pythonpath=[PROJECT], env={"ZM_TEST_DATA": str(data)}, threads=8) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def nginx(
-    nginx_executable: str, gunicorn: GunicornServer, tmp_path_factory: pytest.TempPathFactory
+    executable: str, gunicorn: GunicornServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Nginx]:
-    server = Nginx(nginx_executable, tmp_path_factory.mktemp("nginx"), gunicorn.url)
+    server = Nginx(executable, tmp_path_factory.mktemp("nginx"), render(gunicorn.url))
     try:
         server.start()
         yield server

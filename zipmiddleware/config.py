@@ -305,7 +305,8 @@ def _crc_cache(key: str, value: Any) -> CrcCache | None:
             cache = SQLiteCrcCache(value)
             cache.check_writable_as(_worker_user())
         except (ValueError, OSError, sqlite3.Error) as exc:
-            raise ConfigError(key, f"expected an SQLite file the workers can write, {value!s}: {exc}") from None
+            problem = f"expected an SQLite file the workers can write, {value!s}: {exc}"
+            raise ConfigError(key, problem) from None
         return cache
     if isinstance(value, CrcCache):
         return value

@@ -174,7 +174,7 @@ def zip_response(
                     plan.download_name,
                     cold,
                     settings.cold_range_limit,
-                    "" if cold > settings.cold_range_limit else "; enough requests wait for cold work already",
+                    "" if cold > settings.cold_range_limit else "; enough requests wait for cold work",
                 )
                 outcome = FULL
     else:
