@@ -31,6 +31,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .connection import client_socket
 from .crccache import CHECKPOINT_EVERY, Checkpoint, CrcCache, Key
 from .errors import StreamError
 from .types import WSGIEnvironment
@@ -68,8 +69,8 @@ def client_presence(environ: WSGIEnvironment) -> Present:
     while a live one has nothing to read or holds a pipelined request. Elsewhere the
     client is taken as present; the per-request limit still bounds the work.
     """
-    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
-    if not isinstance(sock, socket.socket):
+    sock = client_socket(environ)
+    if sock is None:
         return always_present
     poller = select.poll()
     try:
