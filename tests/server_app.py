@@ -14,7 +14,7 @@ Environment:
 ``ZM_TEST_CHUNK_SIZE``
     Optional ``chunk_size`` for the middleware (default 65536).
 ``ZM_TEST_CRC_CACHE``
-    Optional ``crc_cache`` path (an SQLite file); default: in memory.
+    Optional ``crc_cache`` path (an SQLite file), or ``:memory:``; default: the per-user file.
 ``ZM_TEST_COLD_RANGE_LIMIT``
     Optional ``cold_range_limit`` (bytes, or with a unit: ``"64 MiB"``). Passed only when
     set and when the middleware has the setting, so that this app also runs on an older

@@ -10,9 +10,9 @@ So here, per process:
 
 - requests that need the same CRC-32 at the same time share one computation;
 - at most ``concurrency`` computations run at once (the rest wait their turn), and at
-  most ``MAX_TAKING_PART`` requests compute or wait (:meth:`ColdCrcWork.crowded`: the
-  middleware then sends the whole archive instead), so cold work cannot starve the
-  requests that send data;
+  most ``MAX_TAKING_PART`` requests with much cold work are admitted at once
+  (:meth:`ColdCrcWork.reserve`: the middleware sends the others the whole archive
+  instead), so cold work cannot starve the requests that send data;
 - a computation stops as soon as no request waiting for it still has its client
   (checked every few MiB), and what it learnt so far is kept as checkpoints, so the
   next attempt starts from there.
@@ -126,7 +126,7 @@ class ColdCrcWork:
     ) -> None:
         self.crc_cache = crc_cache
         self.max_taking_part = max_taking_part
-        self.taking_part = 0  # requests inside prefix() now
+        self.taking_part = 0  # admitted requests whose cold work is not done yet
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(concurrency)
         self._jobs: dict[tuple[Key, int], _Job] = {}
@@ -147,18 +147,21 @@ class ColdCrcWork:
         """
         if not present():  # gone already (a request that waited in the server's queue)
             raise ClientGoneError("the client went away before its CRC-32s were computed")
-        job_key = (key, stop)
-        with self._lock:
-            self.taking_part += 1
-        try:
-            return self._share(job_key, read, start, present)
-        finally:
-            with self._lock:
-                self.taking_part -= 1
+        return self._share((key, stop), read, start, present)
 
-    def crowded(self) -> bool:
-        """Whether as many requests as allowed already compute or wait for cold work."""
-        return self.taking_part >= self.max_taking_part
+    def reserve(self, much: bool) -> bool:
+        """Admit a request that has cold work to do; False if it has ``much`` (more than one
+        checkpoint interval) and as many requests as allowed are admitted already. Small work
+        is always admitted (it is an honest resume's). Each admission needs :meth:`release`."""
+        with self._lock:
+            if much and self.taking_part >= self.max_taking_part:
+                return False
+            self.taking_part += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.taking_part -= 1
 
     def _share(
         self,
@@ -229,6 +232,11 @@ class ColdCrcWork:
             self._slots.release()
             raise ClientGoneError("the client went away while waiting to compute CRC-32s")
         key, stop = job_key
+        if stop == key[2] and self.crc_cache is not None:  # learnt meanwhile (by a full download)?
+            known = self.crc_cache.get_many([key])
+            if key in known:
+                self._slots.release()
+                return known[key]
         points: list[Checkpoint] = []
         try:
             position = looked = start[0]

@@ -307,104 +307,116 @@ class Planner:
     def walk(self, top: Opened, roots: tuple[str, ...]) -> list[tuple[str, FileSnapshot]]:
         """Files under the open folder ``top`` sorted by relative path, after exclude/ignore.
 
-        Each child is opened relative to its folder's descriptor and judged by where it
-        really lies: symlinks are followed only where they resolve inside a root. A folder
-        reached twice (a symlink loop) is walked once. Anything that cannot be served (a
-        link outside or in a loop, a dangling link, a FIFO, socket or device, an unreadable
-        file or subfolder) is skipped and logged; only an unreadable ``top`` is refused.
+        Folders are listed through their descriptors. An entry that is no symlink is judged
+        by its ``fstatat`` relative to that descriptor (it lies in a folder already proven to
+        be inside a root, so it is too); a symlink is opened and judged by where it really
+        leads: followed only where it resolves inside a root. A folder reached twice (a
+        symlink loop) is walked once. Anything that cannot be served (a link outside or in a
+        loop, a dangling link, a FIFO, socket or device, an unreadable subfolder) is skipped
+        and logged; only an unreadable file or an unreadable ``top`` refuses the download.
         """
-        found: list[tuple[str, FileSnapshot]] = []
-        seen = {(top.st.st_dev, top.st.st_ino)}
-        pending: list[tuple[str, os.stat_result, str]] = []
-        folder_fd: int | None = top.fd
-        prefix = ""
+        walk = _Walk(self, roots, top)
+        folder: tuple[int, str, str] | None = (top.fd, top.real, "")
         while True:
-            if folder_fd is not None:
+            if folder is not None:
+                fd, real, prefix = folder
                 try:
-                    with os.scandir(folder_fd) as scan:
-                        children = list(scan)
-                except OSError as exc:
-                    if folder_fd == top.fd:
-                        raise refusal(exc, f"folder {top.real!r}") from None
-                    logger.warning("skipping folder %r: it cannot be listed (%s)", prefix, exc)
-                    children = []
-                for child in children:
-                    self.visit(child, folder_fd, prefix, roots, seen, pending, found)
-                if folder_fd != top.fd:
-                    os.close(folder_fd)
-            if not pending:
+                    walk.list(fd, real, prefix)
+                finally:
+                    if fd != top.fd:
+                        os.close(fd)
+            if not walk.pending:
                 break
-            real, st, prefix = pending.pop()
-            folder_fd = self.reopen_folder(real, st, roots)
-        found.sort(key=lambda item: item[0])
-        return found
-
-    def visit(
-        self,
-        child: os.DirEntry[str],
-        folder_fd: int,
-        prefix: str,
-        roots: tuple[str, ...],
-        seen: set[tuple[int, int]],
-        pending: list[tuple[str, os.stat_result, str]],
-        found: list[tuple[str, FileSnapshot]],
-    ) -> None:
-        """Judge one folder entry: queue a subfolder, record a file, or skip and log it."""
-        rel = prefix + child.name
-        try:  # the entry's own type, from the listing (no system call but for odd filesystems)
-            if not child.is_symlink():
-                if child.is_dir(follow_symlinks=False):
-                    if child.name.casefold() in self.exclude:
-                        return
-                elif child.is_file(follow_symlinks=False):
-                    if self.ignored(child.name):
-                        return
-                else:
-                    logger.info("skipping %r: not a regular file or folder", rel)
-                    return
-            opened = open_inside(child.name, roots, folder=None, dir_fd=folder_fd)
-        except OSError as exc:
-            if isinstance(exc, PermissionError) and not _is_folder(child):
-                # A file the archive should hold but cannot: refuse the download rather
-                # than send one that silently lacks it (an unreadable subfolder is skipped).
-                raise refusal(exc, repr(rel)) from None
-            _log_skipped(rel, exc)
-            return
-        os.close(opened.fd)
-        st = opened.st
-        if stat.S_ISDIR(st.st_mode):
-            if child.name.casefold() in self.exclude:  # a symlink named like an excluded folder
-                return
-            if (st.st_dev, st.st_ino) in seen:
-                logger.warning("skipping folder %r: already walked (symlink loop?)", rel)
-                return
-            seen.add((st.st_dev, st.st_ino))
-            pending.append((opened.real, st, rel + "/"))
-        elif not self.ignored(child.name):
-            found.append((rel, FileSnapshot.of(opened.real, st)))
+            real, st, prefix = walk.pending.pop()
+            folder = self.reopen_folder(real, st, roots, prefix)
+        walk.found.sort(key=lambda item: item[0])
+        return walk.found
 
     @staticmethod
-    def reopen_folder(real: str, st: os.stat_result, roots: tuple[str, ...]) -> int | None:
-        """A queued subfolder's descriptor, if it is still the folder that was found."""
+    def reopen_folder(
+        real: str, st: os.stat_result, roots: tuple[str, ...], prefix: str
+    ) -> tuple[int, str, str] | None:
+        """A queued subfolder's descriptor and real path, if it is still the folder that was found."""
         try:
             opened = open_inside(real, roots, folder=True)
         except OSError as exc:
-            _log_skipped(real, exc)
+            _log_skipped(prefix, exc)
             return None
         if (opened.st.st_dev, opened.st.st_ino) != (st.st_dev, st.st_ino):
             os.close(opened.fd)
-            logger.warning("skipping folder %r: it was replaced during the walk", real)
+            logger.warning("skipping folder %r: it was replaced during the walk", prefix)
             return None
-        return opened.fd
+        return opened.fd, opened.real, prefix
 
     def ignored(self, name: str) -> bool:
         folded = name.casefold()
         return any(fnmatch.fnmatchcase(folded, pattern) for pattern in self.ignore)
 
 
-def _is_folder(child: os.DirEntry[str]) -> bool:
+class _Walk:
+    """What one walk has found so far, and the judging of one folder's entries."""
+
+    def __init__(self, planner: Planner, roots: tuple[str, ...], top: Opened) -> None:
+        self.planner, self.roots, self.top = planner, roots, top
+        self.found: list[tuple[str, FileSnapshot]] = []
+        self.seen = {(top.st.st_dev, top.st.st_ino)}
+        self.pending: list[tuple[str, os.stat_result, str]] = []  # (real path, its stat, prefix)
+
+    def list(self, fd: int, real: str, prefix: str) -> None:
+        try:
+            with os.scandir(fd) as scan:
+                children = list(scan)
+        except OSError as exc:
+            if fd == self.top.fd:
+                raise refusal(exc, f"folder {self.top.real!r}") from None
+            logger.warning("skipping folder %r: it cannot be listed (%s)", prefix, exc)
+            return
+        for child in children:
+            try:
+                self.visit(child, fd, real, prefix)
+            except OSError as exc:
+                if isinstance(exc, PermissionError) and _is_file(child):
+                    raise self.unreadable(prefix + child.name) from None
+                _log_skipped(prefix + child.name, exc)
+
+    def visit(self, child: os.DirEntry[str], fd: int, folder: str, prefix: str) -> None:
+        """Queue a subfolder, record a file, or skip and log one folder entry (OSError: skip it)."""
+        name, rel = child.name, prefix + child.name
+        if child.is_symlink():  # follow it, and judge by where it leads
+            opened = open_inside(name, self.roots, folder=None, dir_fd=fd)
+            os.close(opened.fd)
+            st, real = opened.st, opened.real
+        else:  # fstatat: no symlink is followed, so it lies in ``folder``, inside a root
+            st, real = child.stat(follow_symlinks=False), os.path.join(folder, name)
+        if stat.S_ISDIR(st.st_mode):
+            if name.casefold() in self.planner.exclude:
+                return
+            if (st.st_dev, st.st_ino) in self.seen:
+                logger.warning("skipping folder %r: already walked (symlink loop?)", rel)
+                return
+            self.seen.add((st.st_dev, st.st_ino))
+            self.pending.append((real, st, rel + "/"))
+        elif not stat.S_ISREG(st.st_mode):
+            logger.info("skipping %r: not a regular file or folder", rel)
+        elif not self.planner.ignored(name):
+            # Readable now, as a single file's open proves it (a symlink was opened above).
+            readable = child.is_symlink() or os.access(
+                name, os.R_OK, dir_fd=fd, effective_ids=True, follow_symlinks=False
+            )
+            if not readable:
+                raise self.unreadable(rel)
+            self.found.append((rel, FileSnapshot.of(real, st)))
+
+    @staticmethod
+    def unreadable(rel: str) -> RefusedError:
+        # A file the archive should hold but cannot: refuse the download rather than send
+        # one that silently lacks it (an unreadable subfolder is only skipped).
+        return refusal(PermissionError(errno.EACCES, "not readable"), repr(rel))
+
+
+def _is_file(child: os.DirEntry[str]) -> bool:
     try:
-        return child.is_dir()
+        return child.is_file()
     except OSError:
         return False
 

@@ -160,10 +160,12 @@ def zip_response(
         body = archive_range(0, length)
         if outcome.status == 206:
             part = archive_range(outcome.start, outcome.stop)
-            cold = part.cold_bytes
+            cold, limit = part.cold_bytes, settings.cold_range_limit
             # Small cold work (an honest resume's head, at most one checkpoint interval) always
             # waits its turn; more waits only while few requests already do (see checksums.py).
-            if cold <= settings.cold_range_limit and not (cold > CHECKPOINT_EVERY and cold_work.crowded()):
+            admitted = cold == 0 or (cold <= limit and cold_work.reserve(much=cold > CHECKPOINT_EVERY))
+            if admitted:
+                part.reserved = cold > 0
                 body = part
             else:
                 logger.info(

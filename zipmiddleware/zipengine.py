@@ -427,8 +427,11 @@ class ZipRange:
         self.crc_cache = crc_cache
         self.cold_work = cold_work or ColdCrcWork(crc_cache)
         self.present = present
-        self._needed = self._crc_needed()
-        self._needed_set = set(self._needed)
+        # Admitted by cold_work.reserve(): released once the cold work is done (or at close).
+        self.reserved = False
+        self._needed_list: list[int] | None = None
+        self._needed_set: set[int] = set()
+        self._cold_pending: set[int] = set()  # entries whose CRC-32 needs reading without sending
         self._crcs: dict[int, int] | None = None  # entry index -> CRC-32, once looked up
         self._cached: dict[int, int] = {}  # what the cache said, until checked against data
         self._sent_cached: set[int] = set()  # entries whose cached CRC-32 went out unchecked
@@ -446,6 +449,7 @@ class ZipRange:
 
     def close(self) -> None:
         _close_all([self._output, self._pieces])
+        self._cold_done()
         if self._progress is not None:  # cut inside a file: keep what was learnt of its head
             key, points = self._progress
             self._progress = None
@@ -454,8 +458,16 @@ class ZipRange:
 
     # -- what the range needs ------------------------------------------------------------
 
+    @property
+    def _needed(self) -> list[int]:
+        """The entries whose descriptor or central record lies in the range (worked out once:
+        not for a HEAD, whose body is never iterated)."""
+        if self._needed_list is None:
+            self._needed_list = self._crc_needed()
+            self._needed_set = set(self._needed_list)
+        return self._needed_list
+
     def _crc_needed(self) -> list[int]:
-        """The entries whose descriptor or central record lies in the range."""
         layout, start, stop = self.layout, self.start, self.stop
         needed = []
         for index, descriptor in enumerate(layout.descriptor_offsets):
@@ -525,8 +537,19 @@ class ZipRange:
         for index in self._needed:
             if index not in known:
                 offset = self._cold_start(index)
-                total += offset - self._best_checkpoint(index, offset)[0]
+                cost = offset - self._best_checkpoint(index, offset)[0]
+                if cost:
+                    self._cold_pending.add(index)
+                total += cost
         return total
+
+    def _cold_done(self, index: int | None = None) -> None:
+        """Entry ``index``'s cold work is done; once all is, give back the admission."""
+        if index is not None:
+            self._cold_pending.discard(index)
+        if self.reserved and (index is None or not self._cold_pending):
+            self.reserved = False
+            self.cold_work.release()
 
     # -- the bytes -----------------------------------------------------------------------
 
@@ -563,7 +586,8 @@ class ZipRange:
             if entry.size and span is not None:
                 low, high = span
                 crcs = self._look_up()
-                if high == entry.size and (low == 0 or (index in self._needed_set and index not in crcs)):
+                needed = index in self._needed_set
+                if high == entry.size and (low == 0 or (needed and index not in crcs)):
                     yield from self._read_learning(index, low)
                 else:  # the CRC-32 is cached, or not needed here
                     yield from read_file(entry.arcname, entry.file, self.chunk_size, low, high)
@@ -615,6 +639,7 @@ class ZipRange:
             crcs[index] = self.cold_work.prefix(
                 entry.file.identity, entry.size, self._reader(index), start, self.present
             )
+            self._cold_done(index)
         elif index in self._cached:
             self._sent_cached.add(index)
         return crcs[index]
@@ -634,6 +659,7 @@ class ZipRange:
             start = self._best_checkpoint(index, low)
             if start[0] < low:
                 start = (low, self.cold_work.prefix(key, low, self._reader(index), start, self.present))
+                self._cold_done(index)
         points: list[Checkpoint] = []
         self._progress = (key, points)
         yield from checkpointed(self._reader(index)(low, entry.size), start, points)
