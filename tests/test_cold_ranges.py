@@ -47,7 +47,7 @@ from pathlib import Path
 import pytest
 
 from .clients import assert_good_zip, kill_part_way, read_headers, run, sha256_file, size_of
-from .gunicorn_hooks import imported_from
+from .gunicorn_hooks import this_checkout_runs
 from .servers import (
     PROJECT,
     TESTS,
@@ -238,12 +238,7 @@ def running(server: GunicornServer, *, touch_cache: bool = True) -> Iterator[Ser
     make one request of every kind, so that what is measured later is not module imports.
     Without ``touch_cache`` the warm-up leaves the CRC-32 cache alone (no ZIP body is sent)."""
     with server:
-        expected = str(PROJECT / "zipmiddleware" / "__init__.py")
-        deadline = time.monotonic() + 10
-        while not imported_from(server.log()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        found = imported_from(server.log())
-        assert found and all(path == expected for path in found), (expected, found)
+        this_checkout_runs(server.log)
         served = Served(server, server.worker_pid)
         kinds: list[tuple[str, dict[str, str]]] = [("HEAD", {}), ("GET", {"If-None-Match": "*"})]
         if touch_cache:

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from .clients import unavailable
-from .gunicorn_hooks import imported_from
+from .gunicorn_hooks import this_checkout_runs
 from .servers import PROJECT, TESTS, GunicornServer
 from .swap import Swapper, exchange_unsupported
 
@@ -123,12 +123,7 @@ def running(server: GunicornServer) -> Iterator[GunicornServer]:
     """Run ``server`` and check that its worker runs the zipmiddleware beside these tests
     (not the copy installed in the virtualenv, when the tests run from another checkout)."""
     with server:
-        expected = str(PROJECT / "zipmiddleware" / "__init__.py")
-        deadline = time.monotonic() + 10
-        while not imported_from(server.log()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        found = imported_from(server.log())
-        assert found and all(path == expected for path in found), (expected, found)
+        found = this_checkout_runs(server.log)
         print(f"\n{server.label}: worker imported zipmiddleware from {found[0]}")
         yield server
 

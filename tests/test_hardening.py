@@ -60,7 +60,7 @@ from .clients import (
     unavailable,
     wait_for,
 )
-from .gunicorn_hooks import imported_from
+from .gunicorn_hooks import imported_from, this_checkout_runs
 from .servers import PROJECT, TESTS, GunicornServer
 
 pytestmark = pytest.mark.server
@@ -188,9 +188,7 @@ def gunicorn(
 
 def assert_runs_this_checkout(server: GunicornServer) -> None:
     """Every worker imported the zipmiddleware beside these tests, not another installed copy."""
-    expected = str(PROJECT / "zipmiddleware" / "__init__.py")
-    assert wait_for(lambda: bool(imported_from(server.log())), 5), server.log()
-    assert set(imported_from(server.log())) == {expected}
+    this_checkout_runs(server.log)
 
 
 def worker_deaths(log: str) -> list[str]:
