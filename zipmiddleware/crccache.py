@@ -188,7 +188,7 @@ class SQLiteCrcCache:
 
     def get_many(self, keys: Iterable[Key]) -> dict[Key, int]:
         keys = list(keys)
-        rows = self._rows(keys, "SELECT device, inode, size, mtime_ns, crc, guard FROM file_crc", 4)
+        rows = self._rows(keys, "file_crc", "crc, guard")
         if rows is None:
             return self._memory().get_many(keys)
         return {key: crc for key, offset, crc in rows}
@@ -208,9 +208,7 @@ class SQLiteCrcCache:
 
     def get_checkpoints(self, keys: Iterable[Key]) -> dict[Key, list[Checkpoint]]:
         keys = list(keys)
-        rows = self._rows(
-            keys, "SELECT device, inode, size, mtime_ns, offset, crc, guard FROM prefix_crc", 4, offsets=True
-        )
+        rows = self._rows(keys, "prefix_crc", "offset, crc, guard")
         if rows is None:
             return self._memory().get_checkpoints(keys)
         found: dict[Key, list[Checkpoint]] = {}
@@ -289,9 +287,7 @@ class SQLiteCrcCache:
             )
         self._disconnect()
 
-    def _rows(
-        self, keys: list[Key], select: str, width: int, offsets: bool = False
-    ) -> list[tuple[Key, int, int]] | None:
+    def _rows(self, keys: list[Key], table: str, columns: str) -> list[tuple[Key, int, int]] | None:
         """Rows for ``keys`` whose check value holds, as (key, offset, crc); None: use memory."""
         found: list[tuple[Key, int, int]] = []
         with self._lock:
@@ -303,10 +299,15 @@ class SQLiteCrcCache:
                     chunk = {_storable(key): key for key in keys[batch : batch + 200]}
                     places = ", ".join(["(?, ?, ?, ?)"] * len(chunk))
                     values = [value for stored in chunk for value in stored]
-                    query = f"{select} WHERE (device, inode, size, mtime_ns) IN (VALUES {places})"
+                    # A join with the keys, so that each is looked up by the primary key (a row-value
+                    # "IN (VALUES ...)" makes SQLite scan the whole table once per query).
+                    query = (
+                        f"WITH wanted(d, i, s, m) AS (VALUES {places}) SELECT d, i, s, m, {columns}"
+                        f" FROM wanted JOIN {table} ON device = d AND inode = i AND size = s AND mtime_ns = m"
+                    )
                     for row in connection.execute(query, values):
-                        key = chunk[row[:width]]
-                        offset, crc, check = (row[4], row[5], row[6]) if offsets else (key[2], row[4], row[5])
+                        key = chunk[row[:4]]
+                        offset, crc, check = row[4:] if len(row) == 7 else (key[2], *row[4:])
                         if check != guard(key, offset, crc):
                             logger.warning("CRC-32 cache %s: a damaged row for %s is ignored", self.path, key)
                             continue
