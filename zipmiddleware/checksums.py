@@ -41,7 +41,7 @@ logger = logging.getLogger("zipmiddleware")
 # How often a waiting or computing request looks whether its client is still there: one
 # poll(2) each time, so often enough that an abandoned computation reads little more.
 POLL_SECONDS = 0.05
-LOOK_EVERY = 4 * 1024 * 1024  # bytes read between two looks
+LOOK_EVERY = 1024 * 1024  # bytes read between two looks: what an abandoned computation costs
 # Requests of one process that may take part in cold work at once (computing or waiting for
 # it). Each holds a request thread meanwhile; beyond this, a range needing more than one
 # checkpoint interval of cold work is answered with the whole archive rather than wait, so
@@ -97,17 +97,67 @@ def client_presence(environ: WSGIEnvironment) -> Present:
     return present
 
 
-def checkpointed(data: Iterable[bytes], start: Checkpoint, points: list[Checkpoint]) -> Iterable[bytes]:
-    """Pass ``data`` on (it continues a file at ``start``), appending a checkpoint to
-    ``points`` each time the file's CRC-32 so far crosses a multiple of CHECKPOINT_EVERY."""
-    offset, crc = start
-    for piece in data:
-        crc = zlib.crc32(piece, crc)
-        before, offset = offset, offset + len(piece)
-        if offset // CHECKPOINT_EVERY > before // CHECKPOINT_EVERY:
-            points.append((offset, crc))
-        yield piece
-    points.append((offset, crc))
+class RunningCrc:
+    """The CRC-32 of a file's bytes from offset 0 (or from ``start``) up to ``offset``.
+
+    It notes a checkpoint at every multiple of CHECKPOINT_EVERY it passes, exactly there
+    (a piece that crosses one is split), so that checkpoints lie on one grid: a file keeps at
+    most one per 16 MiB, whatever ranges are asked for. Started at ``(low, 0)`` it holds the
+    CRC-32 of ``[low, offset)`` instead, whose points are no checkpoints (see ``points``' use).
+    """
+
+    __slots__ = ("offset", "crc", "points")
+
+    def __init__(self, start: Checkpoint = (0, 0)) -> None:
+        self.offset, self.crc = start
+        self.points: list[Checkpoint] = []
+
+    def update(self, piece: bytes) -> None:
+        offset, crc, end = self.offset, self.crc, self.offset + len(piece)
+        boundary = (offset // CHECKPOINT_EVERY + 1) * CHECKPOINT_EVERY
+        if boundary <= end:
+            view, done = memoryview(piece), 0
+            while boundary <= end:
+                crc = zlib.crc32(view[done : boundary - offset], crc)
+                done = boundary - offset
+                self.points.append((boundary, crc))
+                boundary += CHECKPOINT_EVERY
+            crc = zlib.crc32(view[done:], crc)
+        else:
+            crc = zlib.crc32(piece, crc)
+        self.offset, self.crc = end, crc
+
+
+def _gf2_times(matrix: list[int], vector: int) -> int:
+    total = 0
+    row = 0
+    while vector:
+        if vector & 1:
+            total ^= matrix[row]
+        vector >>= 1
+        row += 1
+    return total
+
+
+def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    """The CRC-32 of A + B from those of A and B and B's length (zlib's crc32_combine)."""
+    if length2 <= 0:
+        return crc1
+    odd = [0xEDB88320] + [1 << n for n in range(31)]  # the operator for one zero bit
+    even = [_gf2_times(odd, row) for row in odd]  # two zero bits
+    odd = [_gf2_times(even, row) for row in even]  # four zero bits
+    while length2:  # apply len2 zero bytes to crc1, one bit of length at a time
+        even = [_gf2_times(odd, row) for row in odd]
+        if length2 & 1:
+            crc1 = _gf2_times(even, crc1)
+        length2 >>= 1
+        if not length2:
+            break
+        odd = [_gf2_times(even, row) for row in even]
+        if length2 & 1:
+            crc1 = _gf2_times(odd, crc1)
+        length2 >>= 1
+    return crc1 ^ crc2
 
 
 class _Job:
@@ -237,27 +287,26 @@ class ColdCrcWork:
             if key in known:
                 self._slots.release()
                 return known[key]
-        points: list[Checkpoint] = []
+        running = RunningCrc(start)
         try:
-            position = looked = start[0]
-            for piece in checkpointed(read(start[0], stop), start, points):
-                position += len(piece)
-                if position - looked >= LOOK_EVERY:
-                    looked = position
+            looked = start[0]
+            for piece in read(start[0], stop):
+                running.update(piece)
+                if running.offset - looked >= LOOK_EVERY:
+                    looked = running.offset
                     if not wanted():
                         raise ClientGoneError("nobody waits for these CRC-32s any more")
         except ClientGoneError:
-            self.keep_checkpoints(key, points)
+            self.keep_checkpoints(key, running.points)
             raise
         finally:
             self._slots.release()
-        offset, crc = points[-1]
-        if offset == key[2]:
+        if stop == key[2]:
             if self.crc_cache is not None:
-                self.crc_cache.put_many({key: crc})
+                self.crc_cache.put_many({key: running.crc})
         else:
-            self.keep_checkpoints(key, points)
-        return crc
+            self.keep_checkpoints(key, running.points)
+        return running.crc
 
     def keep_checkpoints(self, key: Key, points: list[Checkpoint]) -> None:
         """Store checkpoints, if the cache keeps them, so the work is not lost."""

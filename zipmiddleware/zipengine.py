@@ -34,7 +34,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .checksums import ColdCrcWork, Present, always_present, checkpointed
+from .checksums import ColdCrcWork, Present, RunningCrc, always_present, crc32_combine
 from .crccache import CHECKPOINT_EVERY, Checkpoint, CrcCache, Key
 from .errors import StreamError
 from .planning import FileSnapshot, PlannedEntry, reopen
@@ -437,7 +437,7 @@ class ZipRange:
         self._sent_cached: set[int] = set()  # entries whose cached CRC-32 went out unchecked
         self._checkpoints: dict[int, list[Checkpoint]] = {}
         self._learnt: dict[Key, int] = {}  # computed here, not yet given to the cache
-        self._progress: tuple[Key, list[Checkpoint]] | None = None  # the file being read, if any
+        self._progress: tuple[Key, RunningCrc] | None = None  # the file being read from its start
         self._pieces: Iterator[bytes] | None = None
         self._output: Iterator[bytes] | None = None
 
@@ -451,9 +451,9 @@ class ZipRange:
         _close_all([self._output, self._pieces])
         self._cold_done()
         if self._progress is not None:  # cut inside a file: keep what was learnt of its head
-            key, points = self._progress
+            key, running = self._progress
             self._progress = None
-            self.cold_work.keep_checkpoints(key, points)
+            self.cold_work.keep_checkpoints(key, running.points)
         self._flush()
 
     # -- what the range needs ------------------------------------------------------------
@@ -647,24 +647,39 @@ class ZipRange:
     def _read_learning(self, index: int, low: int) -> Iterator[bytes]:
         """Pass on a file's data from ``low`` to its end, learning its CRC-32 on the way.
 
-        The CRC-32 of the head ``[0, low)`` comes first, from the nearest checkpoint
-        (shared, bounded cold work); then the data goes out with checkpoints kept, so
-        that a download cut here again resumes cheaply.
+        From 0, or from a checkpoint at ``low``, the CRC-32 runs from the file's start and
+        leaves checkpoints, so that a download cut here resumes cheaply. Else the data goes
+        out first, with the CRC-32 of ``[low, ...)``, and the head ``[0, low)`` is learnt
+        (shared, bounded cold work from the nearest checkpoint) only once the client has
+        received as much as that costs, or at the file's end: a client that asks for a
+        range and leaves costs what it received, not a head it never waited for.
         """
         entry = self.layout.entries[index]
         assert entry.file is not None and entry.size is not None
-        key = entry.file.identity
-        start: Checkpoint = (0, 0)
-        if low:
-            start = self._best_checkpoint(index, low)
-            if start[0] < low:
-                start = (low, self.cold_work.prefix(key, low, self._reader(index), start, self.present))
-                self._cold_done(index)
-        points: list[Checkpoint] = []
-        self._progress = (key, points)
-        yield from checkpointed(self._reader(index)(low, entry.size), start, points)
+        key, reader = entry.file.identity, self._reader(index)
+        nearest = self._best_checkpoint(index, low)
+        head_known = nearest[0] == low  # low == 0 included
+        running = RunningCrc(nearest if head_known else (low, 0))
+        if head_known:
+            self._progress = (key, running)
+        for piece in reader(low, entry.size):
+            running.update(piece)
+            yield piece
+            if not head_known and running.offset - low >= low - nearest[0]:
+                running, head_known = self._with_head(index, low, nearest, running), True
+                self._progress = (key, running)
+        if not head_known:
+            running = self._with_head(index, low, nearest, running)
         self._progress = None
-        self._learn(index, points[-1][1])
+        self._learn(index, running.crc)
+
+    def _with_head(self, index: int, low: int, nearest: Checkpoint, tail: RunningCrc) -> RunningCrc:
+        """``tail`` (the CRC-32 of ``[low, ...)``) joined to the learnt CRC-32 of ``[0, low)``."""
+        entry = self.layout.entries[index]
+        assert entry.file is not None
+        head = self.cold_work.prefix(entry.file.identity, low, self._reader(index), nearest, self.present)
+        self._cold_done(index)
+        return RunningCrc((tail.offset, crc32_combine(head, tail.crc, tail.offset - low)))
 
     def _learn(self, index: int, crc: int) -> None:
         """A CRC-32 computed from the data: it wins over the cache's."""
@@ -689,38 +704,6 @@ class ZipRange:
         if len(self._learnt) > every and self.crc_cache is not None:
             learnt, self._learnt = self._learnt, {}
             self.crc_cache.put_many(learnt)
-
-
-def _gf2_times(matrix: list[int], vector: int) -> int:
-    total = 0
-    row = 0
-    while vector:
-        if vector & 1:
-            total ^= matrix[row]
-        vector >>= 1
-        row += 1
-    return total
-
-
-def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
-    """The CRC-32 of A + B from those of A and B and B's length (zlib's crc32_combine)."""
-    if length2 <= 0:
-        return crc1
-    odd = [0xEDB88320] + [1 << n for n in range(31)]  # the operator for one zero bit
-    even = [_gf2_times(odd, row) for row in odd]  # two zero bits
-    odd = [_gf2_times(even, row) for row in even]  # four zero bits
-    while length2:  # apply len2 zero bytes to crc1, one bit of length at a time
-        even = [_gf2_times(odd, row) for row in odd]
-        if length2 & 1:
-            crc1 = _gf2_times(even, crc1)
-        length2 >>= 1
-        if not length2:
-            break
-        odd = [_gf2_times(even, row) for row in even]
-        if length2 & 1:
-            crc1 = _gf2_times(odd, crc1)
-        length2 >>= 1
-    return crc1 ^ crc2
 
 
 # -- readers -----------------------------------------------------------------------------
