@@ -31,6 +31,10 @@ DOS_MIN = calendar.timegm((1980, 1, 1, 0, 0, 0))
 DOS_MAX = calendar.timegm((2107, 12, 31, 23, 59, 58))
 DateTime = tuple[int, int, int, int, int, int]
 
+# Folders walked at once per process (others wait): a walk of 50,000 files takes a few seconds
+# of CPU (under the GIL: more at once is not faster) and tens of MB until its plan is dropped.
+WALKS_AT_ONCE = 2
+
 # Where a file that was confined once may be reopened: anywhere, since ``reopen`` then
 # demands the very inode (device and inode number) that was found inside a root.
 ANYWHERE = (os.sep,)
@@ -203,6 +207,7 @@ class Planner:
         self.exclude = frozenset(name.casefold() for name in settings.exclude)
         self.ignore = tuple(pattern.casefold() for pattern in settings.ignore)
         self.shared: SharedWork[Plan] = SharedWork()
+        self.walks = threading.BoundedSemaphore(WALKS_AT_ONCE)
 
     # -- entry point -------------------------------------------------------------
 
@@ -216,10 +221,17 @@ class Planner:
         path = self.absolute(given, roots)
         only_file = isinstance(target, FileTarget)
         mimetype = target.mimetype if isinstance(target, FileTarget) else None
-        key = (path, only_file, target.download_name, mimetype, roots)
-        return self.shared.run(
-            key, lambda: self.plan_path(path, only_file, target.download_name, mimetype, roots)
-        )
+        name = target.download_name or os.path.basename(path.rstrip(os.sep))
+        opened = self.open(path, roots, folder=False if only_file else None)
+        try:
+            # Keyed by what was opened, not by how its path is spelled ("x", "./x", "x/."):
+            # concurrent requests for one folder share one walk whatever they asked for.
+            key = (opened.st.st_dev, opened.st.st_ino, only_file, name, target.download_name, mimetype, roots)
+            return self.shared.run(
+                key, lambda: self.plan_opened(opened, name, target.download_name, mimetype, roots)
+            )
+        finally:
+            os.close(opened.fd)
 
     @staticmethod
     def absolute(path: StrPath, roots: tuple[str, ...]) -> str:
@@ -229,21 +241,17 @@ class Planner:
         path = os.fspath(path)
         return path if os.path.isabs(path) else os.path.join(roots[0], path)
 
-    def plan_path(
+    def plan_opened(
         self,
-        path: str,
-        only_file: bool,
+        opened: Opened,
+        name: str,
         download_name: str | None,
         mimetype: str | None,
         roots: tuple[str, ...],
     ) -> Plan:
-        opened = self.open(path, roots, folder=False if only_file else None)
-        try:
-            if stat.S_ISDIR(opened.st.st_mode):
+        if stat.S_ISDIR(opened.st.st_mode):
+            with self.walks:  # a few at a time: each holds a whole folder's list in memory
                 return self.plan_directory(opened, download_name, roots)
-        finally:
-            os.close(opened.fd)
-        name = download_name or os.path.basename(path.rstrip(os.sep))
         return FilePlan(FileSnapshot.of(opened.real, opened.st), display_name(name), mimetype)
 
     # -- confinement and checks ----------------------------------------------------
