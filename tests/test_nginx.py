@@ -289,7 +289,7 @@ def test_conditional_requests_pass_through_nginx(nginx: Nginx, direct_zip: Downl
     start, stop = 5 * MIB + 3, 6 * MIB + 99
     for if_range, status, expected in (
         (etag, 206, body[start : stop + 1]),
-        (last_modified, 206, body[start : stop + 1]),
+        (last_modified, 200, body),  # an archive's date is not a strong validator: all of it again
         ('"zip-0000000000000000000000000000000000000000"', 200, body),  # a stale ETag: all of it again
     ):
         got_status, headers, got = curl("-r", f"{start}-{stop}", "-H", f"If-Range: {if_range}")
@@ -298,10 +298,11 @@ def test_conditional_requests_pass_through_nginx(nginx: Nginx, direct_zip: Downl
         assert ("content-range" in headers) == (status == 206), if_range
         assert got == expected, if_range
 
-    for condition in (f"If-None-Match: {etag}", f"If-Modified-Since: {last_modified}"):
-        got_status, headers, got = curl("-H", condition)
-        assert (got_status, got) == (304, b""), condition
-        assert headers["etag"] == [etag], condition
+    got_status, headers, got = curl("-H", f"If-None-Match: {etag}")
+    assert (got_status, got) == (304, b"")
+    assert headers["etag"] == [etag]
+    got_status, headers, got = curl("-H", f"If-Modified-Since: {last_modified}")  # an archive: ETag only
+    assert (got_status, got) == (200, body)
 
 
 # -- 3. X-Accel-Buffering: no keeps streamed ZIPs out of nginx's temporary files ---------------

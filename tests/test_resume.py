@@ -311,7 +311,10 @@ def test_if_range_with_current_validators_gets_the_slice(
     response, _ = request_full(server, path)
     etag, last_modified = response.getheader("ETag"), response.getheader("Last-Modified")
     assert etag is not None and last_modified is not None
-    for if_range in (etag, last_modified):
+    # An archive's date is its newest file's, which does not tell versions apart: for an
+    # archive only the ETag makes If-Range hold (the date gets the whole body, as in the next test).
+    archive = response.getheader("Content-Type") == "application/zip"
+    for if_range in (etag,) if archive else (etag, last_modified):
         response, body = request(server, "GET", path, {"Range": "bytes=1000-", "If-Range": if_range})
         assert response.status == 206, if_range
         assert response.getheader("Content-Range") == f"bytes 1000-{len(full_body) - 1}/{len(full_body)}"
@@ -363,6 +366,9 @@ def test_if_range_after_a_change_gets_the_new_full_body(
     for if_range in (after.getheader("ETag"), after.getheader("Last-Modified")):
         assert if_range is not None
         response, body = request(server, "GET", path, {"Range": "bytes=100-199", "If-Range": if_range})
+        if kind == "zip" and if_range == after.getheader("Last-Modified"):  # only the ETag decides
+            assert (response.status, body) == (200, new_body), if_range
+            continue
         assert response.status == 206, if_range
         assert body == new_body[100:200]
 
@@ -372,11 +378,15 @@ def test_not_modified(server: GunicornServer, target: tuple[str, bytes]) -> None
     response, _ = request_full(server, path)
     etag, last_modified = response.getheader("ETag"), response.getheader("Last-Modified")
     assert etag is not None and last_modified is not None
+    archive = response.getheader("Content-Type") == "application/zip"
+    if archive:  # its date does not tell versions apart: If-Modified-Since gets the body
+        response, body = request(server, "GET", path, {"If-Modified-Since": last_modified})
+        assert (response.status, body) == (200, full_body)
     for headers in (
         {"If-None-Match": etag},
         {"If-None-Match": f'"other", {etag}'},
         {"If-None-Match": "W/" + etag},  # If-None-Match compares weakly
-        {"If-Modified-Since": last_modified},
+        *([] if archive else [{"If-Modified-Since": last_modified}]),
         {"If-None-Match": etag, "Range": "bytes=0-9"},
     ):
         response, body = request(server, "GET", path, headers)

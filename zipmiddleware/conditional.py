@@ -23,6 +23,11 @@ class Validators:
     etag: str | None  # strong, unquoted
     last_modified: datetime | None  # aware, UTC, whole seconds
     length: int | None  # the full body's length; None: ranges cannot be served
+    # Whether the date alone tells versions apart. A file's mtime does; an archive's newest
+    # mtime does not (replace a file with an older one, remove one, add an old one: the date
+    # stays), so for archives only the ETag decides (RFC 9110 13.1.5: If-Range needs a
+    # strong validator).
+    dated: bool = True
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,8 @@ FULL = Outcome(200)
 def evaluate(environ: WSGIEnvironment, validators: Validators) -> Outcome:
     """The status a GET or HEAD gets, and for 206 the byte range.
 
-    - ``If-Match`` / ``If-Unmodified-Since`` that fail: 412.
+    - ``If-Match`` / ``If-Unmodified-Since`` that fail: 412 (dates only where they are
+      ``dated``: for archives, only ETags decide).
     - ``If-None-Match`` (weak comparison), else ``If-Modified-Since``: 304.
     - ``Range`` (GET only; ``bytes`` unit; exactly one range): 206 for the
       slice, 416 with the length when it starts past the end. A malformed
@@ -52,7 +58,7 @@ def evaluate(environ: WSGIEnvironment, validators: Validators) -> Outcome:
         tags = parse_etags(if_match)
         if not (tags.star_tag or (etag is not None and tags.contains(etag))):
             return Outcome(412)
-    else:
+    elif validators.dated:
         since = parse_date(environ.get("HTTP_IF_UNMODIFIED_SINCE"))
         if since is not None and last_modified is not None and last_modified > since:
             return Outcome(412)
@@ -62,7 +68,7 @@ def evaluate(environ: WSGIEnvironment, validators: Validators) -> Outcome:
         tags = parse_etags(if_none_match)
         if tags.star_tag or (etag is not None and tags.contains_weak(etag)):
             return Outcome(304)
-    else:
+    elif validators.dated:
         since = parse_date(environ.get("HTTP_IF_MODIFIED_SINCE"))
         if since is not None and last_modified is not None and last_modified <= since:
             return Outcome(304)
@@ -99,4 +105,4 @@ def _if_range_holds(header: str | None, validators: Validators) -> bool:
     condition = parse_if_range_header(header)
     if condition.etag is not None:
         return condition.etag == validators.etag
-    return condition.date is not None and condition.date == validators.last_modified
+    return validators.dated and condition.date is not None and condition.date == validators.last_modified

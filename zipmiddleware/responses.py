@@ -134,7 +134,9 @@ def zip_response(
     )
     # Ranges need both the layout (where bytes lie) and validators (that they stay there).
     length = layout.length if layout is not None and found is not None else None
-    validators = Validators(found[0] if found else None, _http_time(found[1]) if found else None, length)
+    validators = Validators(
+        found[0] if found else None, _http_time(found[1]) if found else None, length, dated=False
+    )
     outcome = evaluate(environ, validators)
     if outcome.status not in (200, 206):
         close_sources(plan)
