@@ -33,7 +33,7 @@ Routes (every ``<path:...>`` is relative to ``ZM_TEST_DATA``):
 ``/file/<path:name>[?name=DOWNLOAD_NAME]``
     The file itself (``FileTarget``), sendfile-able.
 ``/path?p=ANY_PATH``
-    ``FileTarget(ANY_PATH)``: a path the resolver did not confine (for 403 tests).
+    ``FileTarget(ANY_PATH)``: a path the resolver did not confine (outside the roots: 404).
 ``/broken/<int:megabytes>``
     A ZIP whose second entry is a source that yields ``megabytes`` MiB and
     then raises, after the 200 and those bytes went out.

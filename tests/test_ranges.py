@@ -356,6 +356,8 @@ def test_bad_cache_settings_name_the_key(tmp_path: Path) -> None:
         ZipMiddleware(plain_app, crc_cache=str(tmp_path / "missing-folder" / "c.sqlite"))
     with pytest.raises(ConfigError, match="crc_cache"):
         ZipMiddleware(plain_app, crc_cache=42)
+    with pytest.raises(ConfigError, match="absolute"):
+        ZipMiddleware(plain_app, crc_cache="memory")  # a relative path: a slip, not a file here
 
 
 WRITER = """

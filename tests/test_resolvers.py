@@ -25,7 +25,7 @@ from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
 from zipmiddleware import ConfigError, ZipMiddleware
-from zipmiddleware.planning import FORBIDDEN, NOT_FOUND, SERVER_ERROR
+from zipmiddleware.planning import NOT_FOUND, SERVER_ERROR
 from zipmiddleware.resolvers import directory, sql
 
 from .clients import read_headers, run, unavailable, wait_for
@@ -553,12 +553,12 @@ def test_relative_paths_in_rows_are_under_root(sql_app, database: Database, tmp_
     assert response.body == DATA["alice/report.pdf"]
     assert "filename=Report.pdf" in response.headers["Content-Disposition"]
     assert app.get("/requests/1", extra_environ=ALICE).body == DATA["alice/report.pdf"]  # absolute, in root
-    # A relative path leading out of root is refused by the middleware's roots.
-    response = app.get("/requests/10", extra_environ=ALICE, status=403)
-    assert response.text == FORBIDDEN + "\n"
+    # A relative path leading out of root is refused by the middleware's roots, as not found.
+    response = app.get("/requests/10", extra_environ=ALICE, status=404)
+    assert response.text == NOT_FOUND + "\n"
     # Absolute paths outside root: refused too (bob's row is fine, the root below is not his).
     app = sql_app(root=str(database.data / "alice"))
-    app.get("/requests/3", extra_environ=BOB, status=403)
+    app.get("/requests/3", extra_environ=BOB, status=404)
 
 
 def test_coalesce_of_remote_user_picks_the_guest_rows(sql_app, database: Database) -> None:

@@ -55,27 +55,30 @@ def test_content_disposition_cannot_inject_headers() -> None:
     assert value.startswith('attachment; filename="evil\\"Set-Cookie: x=1.zip"')
 
 
-def test_given_paths_outside_roots_are_403(make_client, games: Path, tmp_path: Path) -> None:
+def test_given_paths_outside_roots_are_404(make_client, games: Path, tmp_path: Path) -> None:
+    """Outside the roots is answered as not found: a 403 would tell which outside paths exist."""
     (games / "link-out").symlink_to(tmp_path / "secret.txt")
     client = make_client(lambda request, name: FileTarget(games / name), rule="/download/<path:name>")
     for name in ["..%2Fsecret.txt", "link-out"]:
-        response = client.get(f"/download/{name}", status=403)
+        response = client.get(f"/download/{name}", status=404)
         assert "secret" not in response.text and str(tmp_path) not in response.text
     client = make_client(lambda request, name: FileTarget("/etc/passwd"))
-    assert "root:" not in client.get("/download/x", status=403).text
+    assert "root:" not in client.get("/download/x", status=404).text
+    missing = make_client(lambda request, name: FileTarget("/etc/no-such-file-here"))
+    assert missing.get("/download/x", status=404).text == client.get("/download/x", status=404).text
 
 
 def test_entry_outside_roots_refuses_the_whole_zip(make_client, games: Path, tmp_path: Path) -> None:
     resolve = lambda request, name: ZipTarget(  # noqa: E731
         [ZipEntry("ok", path=games / "doom/doom.wad"), ZipEntry("leak", path=tmp_path / "secret.txt")]
     )
-    assert make_client(resolve).get("/download/x", status=403)
+    assert make_client(resolve).get("/download/x", status=404)
 
 
 def test_relative_paths_are_under_the_first_root(make_client) -> None:
     client = make_client(lambda request, name: FileTarget(name.replace("~", "/")))
     assert client.get("/download/doom~doom.wad").body.startswith(b"IWAD")
-    client.get("/download/..~secret.txt", status=403)
+    client.get("/download/..~secret.txt", status=404)
 
 
 def test_no_roots_means_no_paths(make_client, games: Path, caplog) -> None:
@@ -101,12 +104,12 @@ def test_walk_skips_symlinks_leaving_the_roots(make_client, games: Path, tmp_pat
     assert "resolves outside the roots" in caplog.text
 
 
-def test_directory_symlinked_out_of_roots_is_403(make_client, games: Path, tmp_path: Path) -> None:
+def test_directory_symlinked_out_of_roots_is_404(make_client, games: Path, tmp_path: Path) -> None:
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "a").write_bytes(b"a")
     (games / "outlink").symlink_to(tmp_path / "elsewhere")
     client = make_client(lambda request, name: ZipTarget.from_directory(games / name))
-    client.get("/download/outlink", status=403)
+    client.get("/download/outlink", status=404)
 
 
 def test_walk_with_unsafe_and_colliding_names(make_client, games: Path) -> None:

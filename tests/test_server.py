@@ -298,7 +298,7 @@ def test_file_shrinking_mid_stream_aborts_the_connection(server: GunicornServer,
     [
         ("GET", f"/file/{SINGLE}.missing", 404),
         ("GET", "/folder/no-such-folder", 404),
-        ("GET", "/path?p={outside}", 403),  # a file outside the roots
+        ("GET", "/path?p={outside}", 404),  # a file outside the roots: as if it did not exist
         ("GET", "/none", 404),
         ("GET", "/pending", 202),
         ("GET", "/failed", 410),
@@ -371,7 +371,7 @@ def test_unreadable_file_is_403(nobody_data: Path, outside: Path) -> None:
         assert request(running, "GET", "/file/locked.bin")[0].status == 403
         assert request(running, "GET", "/folder/game")[0].status == 403
         assert request(running, "GET", "/file/missing.bin")[0].status == 404
-        assert request(running, "GET", f"/path?p={quote(str(outside))}")[0].status == 403
+        assert request(running, "GET", f"/path?p={quote(str(outside))}")[0].status == 404
         response, body = request(running, "GET", "/file/locked.bin")
         assert b"secret" not in body and b"locked" not in body
         assert "Traceback" not in running.log()

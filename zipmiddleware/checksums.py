@@ -88,11 +88,15 @@ def client_presence(environ: WSGIEnvironment) -> Present:
         if events[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
             return False
         try:
-            return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            # The TCP socket's own recv: an SSLSocket refuses flags, and what matters is
+            # whether the connection has ended (EOF), not what its next TLS record holds.
+            return bool(socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
         except BlockingIOError:
             return True
         except OSError:
             return False
+        except Exception:  # anything else: take the client as present, never fail its request
+            return True
 
     return present
 

@@ -97,7 +97,10 @@ def _roots(key: str, value: Any) -> tuple[str, ...]:
 
 def real_folder(key: str, path: str | os.PathLike[str]) -> str:
     """``path`` with symlinks resolved; it must be an existing folder."""
-    real = os.path.realpath(path)
+    try:
+        real = os.path.realpath(path)
+    except ValueError:  # a NUL byte
+        raise ConfigError(key, f"{os.fspath(path)!r} is not a valid path") from None
     if not os.path.isdir(real):
         raise ConfigError(key, f"{os.fspath(path)!r} is not an existing directory")
     return real
@@ -296,11 +299,15 @@ def _crc_cache(key: str, value: Any) -> CrcCache | None:
     Empty or None: the default, a per-user file chosen by each worker (see crccache.py).
     A path is checked now, by writing to it as the user gunicorn's workers will run as.
     """
+    if isinstance(value, str):
+        value = value.strip()
     if value is None or value == "":
         return None
     if value == MEMORY:
         return SQLiteCrcCache(MEMORY)
     if isinstance(value, (str, os.PathLike)):
+        if not os.path.isabs(value):  # relative to whichever folder the server started in: a slip
+            raise ConfigError(key, f"expected an absolute file path or {MEMORY!r}, got {value!r}")
         try:
             cache = SQLiteCrcCache(value)
             cache.check_writable_as(_worker_user())

@@ -187,7 +187,9 @@ class SharedWork(Generic[T]):
 def refusal(exc: OSError, what: str) -> RefusedError:
     """The HTTP answer to a file or folder that cannot be opened inside the roots."""
     if isinstance(exc, OutsideRootsError):
-        return RefusedError(403, FORBIDDEN, f"{what} resolves outside the roots ({exc})")
+        # 404, like a path that does not exist: a 403 would tell any client which paths exist
+        # outside the roots (/etc/shadow: 403, /etc/no-such-file: 404).
+        return RefusedError(404, NOT_FOUND, f"{what} resolves outside the roots ({exc})")
     if isinstance(exc, (WrongKindError, FileNotFoundError, NotADirectoryError)) or exc.errno == errno.ELOOP:
         return RefusedError(404, NOT_FOUND, f"{what} is not a file or folder to serve ({exc})")
     if isinstance(exc, PermissionError):

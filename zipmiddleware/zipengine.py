@@ -34,7 +34,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .checksums import ColdCrcWork, Present, RunningCrc, always_present, crc32_combine
+from .checksums import ClientGoneError, ColdCrcWork, Present, RunningCrc, always_present, crc32_combine
 from .crccache import CHECKPOINT_EVERY, Checkpoint, CrcCache, Key
 from .errors import StreamError
 from .planning import FileSnapshot, PlannedEntry, reopen
@@ -564,7 +564,9 @@ class ZipRange:
             if self.stop > self.layout.directory_offset:
                 yield from self._directory()
         except StreamError as exc:
-            logger.error("range aborted: %s", exc)
+            # A client that went away is no error of the server's (and may be frequent).
+            level = logging.INFO if isinstance(exc, ClientGoneError) else logging.ERROR
+            logger.log(level, "range aborted: %s", exc)
             raise
 
     def _entries(self) -> Iterator[bytes]:
