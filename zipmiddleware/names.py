@@ -70,9 +70,22 @@ class NameTable:
     def __init__(self) -> None:
         self._files: set[str] = set()
         self._dirs: set[str] = set()
+        # Per clashing name, the number to try first: every lower one is taken already (names
+        # are never given back), so 6,000 files named alike cost 6,000 tries, not 18 million.
+        self._next: dict[str, int] = {}
 
     def _taken(self, key: str) -> bool:
         return key in self._files or key in self._dirs
+
+    def _free(self, folder: str, leaf: str) -> str:
+        """``leaf`` numbered (``leaf (n).ext``, n = 1, 2, ...) so that it is free in ``folder``."""
+        prefix = f"{folder}/" if folder else ""
+        base = (prefix + leaf).casefold()
+        number = self._next.get(base, 1)
+        while self._taken((prefix + _numbered(leaf, number)).casefold()):
+            number += 1
+        self._next[base] = number + 1
+        return _numbered(leaf, number)
 
     def add(self, arcname: str) -> str:
         parts = arcname.split("/")
@@ -80,20 +93,11 @@ class NameTable:
         for i in range(len(parts) - 1):
             prefix = "/".join(parts[: i + 1]).casefold()
             if prefix in self._files:
-                number = 1
-                while self._taken("/".join([*parts[:i], _numbered(parts[i], number)]).casefold()):
-                    number += 1
-                parts[i] = _numbered(parts[i], number)
+                parts[i] = self._free("/".join(parts[:i]), parts[i])
         name = "/".join(parts)
         if self._taken(name.casefold()):
             folder, _, leaf = name.rpartition("/")
-            number = 1
-            while True:
-                candidate = f"{folder}/{_numbered(leaf, number)}" if folder else _numbered(leaf, number)
-                if not self._taken(candidate.casefold()):
-                    break
-                number += 1
-            name = candidate
+            name = f"{folder}/{self._free(folder, leaf)}" if folder else self._free(folder, leaf)
         self._files.add(name.casefold())
         parts = name.split("/")
         for i in range(1, len(parts)):
