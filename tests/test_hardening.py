@@ -227,14 +227,15 @@ def whole_file_crcs(cache: Path) -> dict[Key, int]:
     connection = sqlite3.connect(f"file:{cache}?mode=ro", uri=True, timeout=10)
     try:
         table = "file_crc" if "file_crc" in crc_tables(connection) else "crc32"
-        rows = connection.execute(f"SELECT device, inode, size, mtime_ns, crc FROM {table}").fetchall()
+        key = "ctime_ns" if table == "file_crc" else "mtime_ns"  # the landed format keyed by mtime
+        rows = connection.execute(f"SELECT device, inode, size, {key}, crc FROM {table}").fetchall()
     except sqlite3.OperationalError:  # created, but no table yet
         return {}
     finally:
         connection.close()
     found = {}
-    for device, inode, size, mtime_ns, crc in rows:
-        unsigned = [v + (1 << 64) if v < 0 else v for v in (device, inode, size, mtime_ns)]
+    for device, inode, size, stamp, crc in rows:
+        unsigned = [v + (1 << 64) if v < 0 else v for v in (device, inode, size, stamp)]
         found[(unsigned[0], unsigned[1], unsigned[2], unsigned[3])] = crc
     return found
 
@@ -245,7 +246,7 @@ def file_keys(root: Path, files: dict[str, bytes]) -> dict[Key, int]:
     for rel, data in files.items():
         if data:
             st = os.stat(root / rel)
-            keys[(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)] = zlib.crc32(data)
+            keys[(st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)] = zlib.crc32(data)
     return keys
 
 
@@ -481,20 +482,21 @@ def forge_crcs(cache: Path) -> int:
         with connection:
             tables = crc_tables(connection)
             table = "file_crc" if "file_crc" in tables else "crc32"
-            rows = connection.execute(f"SELECT device, inode, size, mtime_ns, crc FROM {table}").fetchall()
-            for device, inode, size, mtime_ns, crc in rows:
+            key = "ctime_ns" if table == "file_crc" else "mtime_ns"  # the landed format keyed by mtime
+            rows = connection.execute(f"SELECT device, inode, size, {key}, crc FROM {table}").fetchall()
+            for device, inode, size, stamp, crc in rows:
                 wrong = crc ^ 1
-                where = "device = ? AND inode = ? AND size = ? AND mtime_ns = ?"
+                where = f"device = ? AND inode = ? AND size = ? AND {key} = ?"
                 if "guard" in tables[table]:
                     assert guard is not None
-                    check = guard((device, inode, size, mtime_ns), size, wrong)
+                    check = guard((device, inode, size, stamp), size, wrong)
                     connection.execute(
                         f"UPDATE {table} SET crc = ?, guard = ? WHERE {where}",
-                        (wrong, check, device, inode, size, mtime_ns),
+                        (wrong, check, device, inode, size, stamp),
                     )
                 else:
                     connection.execute(
-                        f"UPDATE {table} SET crc = ? WHERE {where}", (wrong, device, inode, size, mtime_ns)
+                        f"UPDATE {table} SET crc = ? WHERE {where}", (wrong, device, inode, size, stamp)
                     )
             return len(rows)
     finally:

@@ -485,12 +485,12 @@ def cached_crcs(cache: Path) -> dict[tuple[int, int, int, int], int]:
     """Every row of the cache's ``file_crc`` table, keyed as the package keys it."""
     connection = sqlite3.connect(f"file:{cache}?mode=ro", uri=True, timeout=10)
     try:
-        rows = connection.execute("SELECT device, inode, size, mtime_ns, crc FROM file_crc").fetchall()
+        rows = connection.execute("SELECT device, inode, size, ctime_ns, crc FROM file_crc").fetchall()
     finally:
         connection.close()
     found = {}
-    for device, inode, size, mtime_ns, crc in rows:
-        unsigned = [v + (1 << 64) if v < 0 else v for v in (device, inode, size, mtime_ns)]  # stored signed
+    for device, inode, size, ctime_ns, crc in rows:
+        unsigned = [v + (1 << 64) if v < 0 else v for v in (device, inode, size, ctime_ns)]  # stored signed
         found[(unsigned[0], unsigned[1], unsigned[2], unsigned[3])] = crc
     return found
 
@@ -502,7 +502,7 @@ def test_crc_cache_is_filled_by_a_full_download(server: GunicornServer, data: Pa
     for rel, content in SMALL_FILES.items():
         st = os.stat(data / folder / rel)
         if content:  # an empty file's CRC-32 is 0: nothing to keep
-            keys[rel] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            keys[rel] = (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
     cache = caches / "utc.sqlite"
     assert cache.exists()  # created when the server started
     assert not set(keys.values()) & set(cached_crcs(cache))

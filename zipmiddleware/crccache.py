@@ -3,7 +3,7 @@
 A ZIP's data descriptors and central directory hold every entry's CRC-32, so a
 range starting late in an archive needs the CRC-32 of the files before it. They
 are kept here, keyed by what identifies a file's content on this host (device,
-inode, size, mtime in ns), and filled as a side effect of every full download
+inode, size, ctime in ns), and filled as a side effect of every full download
 and of every range that reads a whole file. A download cut short inside a file
 also leaves *checkpoints*: the CRC-32 of the file's first N bytes, every
 :data:`CHECKPOINT_EVERY` bytes, so that resuming it never reads the whole head of
@@ -40,7 +40,8 @@ from typing import Protocol, runtime_checkable
 
 logger = logging.getLogger("zipmiddleware")
 
-# (st_dev, st_ino, st_size, st_mtime_ns): a file's content as far as the cache knows.
+# (st_dev, st_ino, st_size, st_ctime_ns): a file's content as far as the cache knows. The ctime
+# moves with every write, even one whose mtime is set back afterwards (see planning.FileSnapshot).
 Key = tuple[int, int, int, int]
 # (offset, CRC-32 of the file's bytes [0, offset))
 Checkpoint = tuple[int, int]
@@ -53,6 +54,8 @@ MEMORY_ENTRIES = 1_000_000
 # How often a file store checks that its file is still there (was it deleted?).
 RECHECK_SECONDS = 5.0
 MEMORY = ":memory:"
+# The tables' format (SQLite's user_version): a file of another one is set up anew.
+SCHEMA = 2
 
 
 @runtime_checkable
@@ -200,7 +203,7 @@ class SQLiteCrcCache:
         done = self._write(
             "INSERT OR REPLACE INTO file_crc VALUES (?, ?, ?, ?, ?, ?)",
             rows,
-            "DELETE FROM prefix_crc WHERE device = ? AND inode = ? AND size = ? AND mtime_ns = ?",
+            "DELETE FROM prefix_crc WHERE device = ? AND inode = ? AND size = ? AND ctime_ns = ?",
             [row[:4] for row in rows],
         )
         if not done:
@@ -303,7 +306,7 @@ class SQLiteCrcCache:
                     # "IN (VALUES ...)" makes SQLite scan the whole table once per query).
                     query = (
                         f"WITH wanted(d, i, s, m) AS (VALUES {places}) SELECT d, i, s, m, {columns}"
-                        f" FROM wanted JOIN {table} ON device = d AND inode = i AND size = s AND mtime_ns = m"
+                        f" FROM wanted JOIN {table} ON device = d AND inode = i AND size = s AND ctime_ns = m"
                     )
                     for row in connection.execute(query, values):
                         key = chunk[row[:4]]
@@ -366,26 +369,44 @@ class SQLiteCrcCache:
         try:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
-            connection.execute(
-                "CREATE TABLE IF NOT EXISTS file_crc (device INTEGER, inode INTEGER, size INTEGER,"
-                " mtime_ns INTEGER, crc INTEGER NOT NULL, guard INTEGER NOT NULL,"
-                " PRIMARY KEY (device, inode, size, mtime_ns)) WITHOUT ROWID"
-            )
-            connection.execute(
-                "CREATE TABLE IF NOT EXISTS prefix_crc (device INTEGER, inode INTEGER, size INTEGER,"
-                " mtime_ns INTEGER, offset INTEGER, crc INTEGER NOT NULL, guard INTEGER NOT NULL,"
-                " PRIMARY KEY (device, inode, size, mtime_ns, offset)) WITHOUT ROWID"
-            )
+            if connection.execute("PRAGMA user_version").fetchone()[0] != SCHEMA:
+                with connection:  # one process sets the tables up; the others find them done
+                    connection.execute("BEGIN IMMEDIATE")
+                    if connection.execute("PRAGMA user_version").fetchone()[0] != SCHEMA:
+                        _create_tables(connection)
         except BaseException:
             connection.close()
             raise
         return connection
+
+    def __del__(self) -> None:
+        # Close now: Python's sqlite3 connection sits in a reference cycle with its statement
+        # cache, so left to itself it stays open until a garbage collection, across any fork.
+        with contextlib.suppress(Exception):
+            self._disconnect()
 
     def _disconnect(self) -> None:
         if self._connection is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._connection.close()
             self._connection = None
+
+
+def _create_tables(connection: sqlite3.Connection) -> None:
+    """Today's tables, replacing those of an older format (their keys meant something else)."""
+    for old in ("crc32", "file_crc", "prefix_crc"):
+        connection.execute(f"DROP TABLE IF EXISTS {old}")
+    connection.execute(
+        "CREATE TABLE file_crc (device INTEGER, inode INTEGER, size INTEGER, ctime_ns INTEGER,"
+        " crc INTEGER NOT NULL, guard INTEGER NOT NULL, PRIMARY KEY (device, inode, size, ctime_ns))"
+        " WITHOUT ROWID"
+    )
+    connection.execute(
+        "CREATE TABLE prefix_crc (device INTEGER, inode INTEGER, size INTEGER, ctime_ns INTEGER,"
+        " offset INTEGER, crc INTEGER NOT NULL, guard INTEGER NOT NULL,"
+        " PRIMARY KEY (device, inode, size, ctime_ns, offset)) WITHOUT ROWID"
+    )
+    connection.execute(f"PRAGMA user_version = {SCHEMA}")
 
 
 def _storable(key: Key) -> tuple[int, int, int, int]:

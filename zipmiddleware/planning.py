@@ -57,27 +57,33 @@ class FileSnapshot:
     path: str  # real path, inside a root
     size: int
     mtime: float
-    identity: tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
-    changed: tuple[int, int] = (0, 0)  # st_ctime_ns, st_nlink
+    # st_dev, st_ino, st_size, st_ctime_ns: the file's content as far as caches and ETags know.
+    # The ctime, not the mtime: a rewrite that sets the mtime back (rsync --inplace --times,
+    # cp -p over the file, touch -r) still moves the ctime, which nothing can set back.
+    identity: tuple[int, int, int, int]
+    mtime_ns: int = 0
+    links: int = 1
 
     @classmethod
     def of(cls, path: str, st: os.stat_result) -> FileSnapshot:
-        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        return cls(path, st.st_size, st.st_mtime, identity, (st.st_ctime_ns, st.st_nlink))
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
+        return cls(path, st.st_size, st.st_mtime, identity, st.st_mtime_ns, st.st_nlink)
+
+    def same(self, st: os.stat_result) -> bool:
+        """Whether ``st`` (a reopened file's) is this very file, unchanged since it was checked."""
+        return (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns) == self.identity
 
     def unchanged(self, st: os.stat_result) -> bool:
         """Whether ``st`` (an fstat of this file, taken after reading) shows the same content.
 
-        Size and mtime catch ordinary writes. A rewrite that sets the mtime back (``rsync
-        --inplace --times``, ``cp -p`` over the file, ``touch -r``) still moves the ctime,
-        which nothing can set back; so does unlinking the file when a new version is renamed
-        over it, which leaves this inode's data as they were: a ctime that moved with the link
-        count is no change of content. (A chmod or chown while it is sent aborts it too.)
+        Size and mtime catch ordinary writes, the ctime one that set the mtime back. Unlinking
+        the file, when a new version is renamed over it, moves the ctime too but leaves this
+        inode's data as they were: a ctime that moved with the link count is no change of
+        content. (A chmod, chown or rename of the file while it is sent aborts it too.)
         """
-        if (st.st_size, st.st_mtime_ns) != self.identity[2:]:
+        if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
             return False
-        ctime_ns, links = self.changed
-        return st.st_ctime_ns == ctime_ns or st.st_nlink != links
+        return st.st_ctime_ns == self.identity[3] or st.st_nlink != self.links
 
 
 def reopen(file: FileSnapshot) -> int:
@@ -89,7 +95,7 @@ def reopen(file: FileSnapshot) -> int:
     """
     opened = open_inside(file.path, ANYWHERE, folder=False)
     st = opened.st
-    if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != file.identity:
+    if not file.same(st):
         os.close(opened.fd)
         raise OSError(f"{file.path!r} changed since it was checked")
     return opened.fd

@@ -57,8 +57,10 @@ def file_response(plan: FilePlan, environ: WSGIEnvironment, chunk_size: int) -> 
         fd = reopen(checked)
     except OSError as exc:
         raise RefusedError(404, NOT_FOUND, f"cannot send {checked.path!r}: {exc}") from None
-    _device, inode, size, mtime_ns = checked.identity
-    validators = Validators(f"{mtime_ns:x}-{size:x}-{inode:x}", _http_time(checked.mtime), size)
+    _device, inode, size, ctime_ns = checked.identity
+    # The ctime too: content rewritten with its mtime set back must not keep its ETag.
+    etag = f"{checked.mtime_ns:x}-{ctime_ns:x}-{size:x}-{inode:x}"
+    validators = Validators(etag, _http_time(checked.mtime), size)
     outcome = evaluate(environ, validators)
     if outcome.status not in (200, 206):
         os.close(fd)
