@@ -736,6 +736,32 @@ def test_a_range_of_a_file_rewritten_in_place_is_aborted(
     assert worker_deaths(log) == []
 
 
+def test_a_file_truncated_during_sendfile_ends_the_connection(
+    big_file_server: tuple[GunicornServer, Path, bytes],
+) -> None:
+    """A full 200 goes out by sendfile, which stops quietly at a truncated file's end: gunicorn
+    kept the connection and put the next pipelined response inside this body. Now the closed
+    body sees the change and shuts the connection down: a short body, and nothing after it."""
+    server, path, old = big_file_server
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        second = "GET /file/nothing-here HTTP/1.1\r\nHost: x\r\n\r\n"
+        sock.sendall(f"GET /file/{path.name} HTTP/1.1\r\nHost: x\r\n\r\n{second}".encode())
+        got = b""
+        while len(got) < MIB:
+            got += sock.recv(65536)
+        os.truncate(path, 2 * MIB)  # in place, as `cp new old` does
+        sock.settimeout(15)
+        while chunk := sock.recv(1 << 20):
+            got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and f"Content-Length: {BIG}".encode() in head
+    assert len(body) < BIG, "the body looked whole"
+    assert b"HTTP/1.1 " not in body, "the next response went out inside this body"
+    assert body == old[: len(body)]
+    assert any("changed while it was sent" in line for line in server.log().splitlines())
+
+
 def test_a_file_replaced_atomically_during_a_transfer_is_sent_whole(
     big_file_server: tuple[GunicornServer, Path, bytes], tmp_path: Path
 ) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import mimetypes
 import os
+import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import BinaryIO
 
 from werkzeug.wrappers import Response
 from werkzeug.wsgi import wrap_file
@@ -15,6 +17,7 @@ from werkzeug.wsgi import wrap_file
 from .checksums import ColdCrcWork, client_presence
 from .conditional import FULL, Outcome, Validators, evaluate
 from .config import Settings
+from .connection import client_socket
 from .crccache import CHECKPOINT_EVERY, CrcCache
 from .errors import RefusedError, StreamError
 from .names import content_disposition
@@ -65,7 +68,7 @@ def file_response(plan: FilePlan, environ: WSGIEnvironment, chunk_size: int) -> 
     if outcome.status not in (200, 206):
         os.close(fd)
         return _bodiless(outcome, validators)
-    file = os.fdopen(fd, "rb")
+    file = CheckedFile(fd, checked, client_socket(environ))
     mimetype = plan.mimetype or mimetypes.guess_type(plan.download_name)[0] or "application/octet-stream"
     if outcome.status == 206:
         body: object = FileRange(file, checked, outcome.start, outcome.stop, chunk_size)
@@ -79,6 +82,35 @@ def file_response(plan: FilePlan, environ: WSGIEnvironment, chunk_size: int) -> 
     return response
 
 
+class CheckedFile(io.FileIO):
+    """The open file of a direct download, which looks at itself once more when it is closed.
+
+    A full 200 goes out with the server's sendfile, where nothing can check the file while
+    it is sent. A file truncated meanwhile makes sendfile stop early and quietly: the server
+    would keep the connection and put the next response inside this body. So when the
+    server closes the body, a file that changed (size, mtime, or ctime with the same link
+    count: see :meth:`FileSnapshot.unchanged`) shuts the client's connection down, and the
+    client sees a download that failed rather than one that goes on with another response.
+    """
+
+    def __init__(self, fd: int, checked: FileSnapshot, sock: socket.socket | None) -> None:
+        super().__init__(fd, "rb", closefd=True)
+        self.checked, self.sock = checked, sock
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                changed = not self.checked.unchanged(os.fstat(self.fileno()))
+            except OSError:
+                changed = True
+            if changed:
+                logger.error("download of %r: the file changed while it was sent", self.checked.path)
+                if self.sock is not None:
+                    with contextlib.suppress(OSError):
+                        self.sock.shutdown(socket.SHUT_RDWR)
+        super().close()
+
+
 class FileRange:
     """Bytes ``[start, stop)`` of an open file: a WSGI body that closes the file.
 
@@ -88,7 +120,9 @@ class FileRange:
     of ending cleanly with a mix of two versions.
     """
 
-    def __init__(self, file: BinaryIO, checked: FileSnapshot, start: int, stop: int, chunk_size: int) -> None:
+    def __init__(
+        self, file: io.FileIO, checked: FileSnapshot, start: int, stop: int, chunk_size: int
+    ) -> None:
         self.file, self.checked = file, checked
         self.start, self.stop, self.chunk_size = start, stop, chunk_size
 
