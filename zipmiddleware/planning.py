@@ -106,6 +106,9 @@ class FilePlan:
     file: FileSnapshot
     download_name: str
     mimetype: str | None = None
+    # The descriptor the file was checked through, handed to the response (which closes it):
+    # nothing can be swapped between the check and the read. None: the response reopens it.
+    opened: int | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -231,13 +234,13 @@ class Planner:
         mimetype = target.mimetype if isinstance(target, FileTarget) else None
         name = target.download_name or os.path.basename(path.rstrip(os.sep))
         opened = self.open(path, roots, folder=False if only_file else None)
+        if not stat.S_ISDIR(opened.st.st_mode):  # a file: nothing to share; the response reads it
+            return FilePlan(FileSnapshot.of(opened.real, opened.st), display_name(name), mimetype, opened.fd)
         try:
             # Keyed by what was opened, not by how its path is spelled ("x", "./x", "x/."):
             # concurrent requests for one folder share one walk whatever they asked for.
             key = (opened.st.st_dev, opened.st.st_ino, only_file, name, target.download_name, mimetype, roots)
-            return self.shared.run(
-                key, lambda: self.plan_opened(opened, name, target.download_name, mimetype, roots)
-            )
+            return self.shared.run(key, lambda: self.plan_opened(opened, target.download_name, roots))
         finally:
             os.close(opened.fd)
 
@@ -249,18 +252,9 @@ class Planner:
         path = os.fspath(path)
         return path if os.path.isabs(path) else os.path.join(roots[0], path)
 
-    def plan_opened(
-        self,
-        opened: Opened,
-        name: str,
-        download_name: str | None,
-        mimetype: str | None,
-        roots: tuple[str, ...],
-    ) -> Plan:
-        if stat.S_ISDIR(opened.st.st_mode):
-            with self.walks:  # a few at a time: each holds a whole folder's list in memory
-                return self.plan_directory(opened, download_name, roots)
-        return FilePlan(FileSnapshot.of(opened.real, opened.st), display_name(name), mimetype)
+    def plan_opened(self, opened: Opened, download_name: str | None, roots: tuple[str, ...]) -> Plan:
+        with self.walks:  # a few at a time: each holds a whole folder's list in memory
+            return self.plan_directory(opened, download_name, roots)
 
     # -- confinement and checks ----------------------------------------------------
 

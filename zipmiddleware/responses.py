@@ -56,10 +56,12 @@ def file_response(plan: FilePlan, environ: WSGIEnvironment, chunk_size: int) -> 
     can use sendfile. A 206 body seeks to the range and reads only it.
     """
     checked = plan.file
-    try:
-        fd = reopen(checked)
-    except OSError as exc:
-        raise RefusedError(404, NOT_FOUND, f"cannot send {checked.path!r}: {exc}") from None
+    fd = plan.opened
+    if fd is None:
+        try:
+            fd = reopen(checked)
+        except OSError as exc:
+            raise RefusedError(404, NOT_FOUND, f"cannot send {checked.path!r}: {exc}") from None
     _device, inode, size, ctime_ns = checked.identity
     # The ctime too: content rewritten with its mtime set back must not keep its ETag.
     etag = f"{checked.mtime_ns:x}-{ctime_ns:x}-{size:x}-{inode:x}"
@@ -68,6 +70,7 @@ def file_response(plan: FilePlan, environ: WSGIEnvironment, chunk_size: int) -> 
     if outcome.status not in (200, 206):
         os.close(fd)
         return _bodiless(outcome, validators)
+    # From here the file object owns the descriptor, and the body the file object.
     file = CheckedFile(fd, checked, client_socket(environ))
     mimetype = plan.mimetype or mimetypes.guess_type(plan.download_name)[0] or "application/octet-stream"
     if outcome.status == 206:
