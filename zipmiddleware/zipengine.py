@@ -17,9 +17,11 @@ the list of defects in the project's field notes):
 8. zipstream-ng installs the same import name: refused at import.
 
 A stored archive of known sizes is also laid out in advance (:class:`Layout`):
-its exact length, and where each header, data and descriptor lies. A range of it
-(:class:`ZipRange`) is built from zipstream-new's own header code and the CRC-32
-cache, reading file data only where the range needs it.
+its exact length, and where each header, data and descriptor lies. A stored
+archive of files is sent as a range of it (:class:`ZipRange`; the full download is
+the range [0, length)), built from zipstream-new's own record code and the CRC-32
+cache, reading file data only where the range needs it. :class:`ZipStream` writes
+the others (deflated, or with source entries) through zipstream-new.
 """
 
 from __future__ import annotations
