@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import grp
 import io
+import os
+import pwd
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +88,23 @@ def make_client(games: Path) -> Callable[..., TestApp]:
         return TestApp(ZipMiddleware(plain_app, routes={rule: resolve}, **options), lint=True)
 
     return make
+
+
+@dataclass(frozen=True)
+class User:
+    """The unprivileged user gunicorn's workers drop to."""
+
+    uid: int
+    gid: int
+    group: str
+
+
+@pytest.fixture
+def nobody() -> User:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: gunicorn must drop to 'nobody' for the worker to lack root's rights")
+    try:
+        entry = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody'")
+    return User(entry.pw_uid, entry.pw_gid, grp.getgrgid(entry.pw_gid).gr_name)

@@ -22,10 +22,8 @@ from another checkout of the project is known to test that checkout.
 from __future__ import annotations
 
 import contextlib
-import grp
 import io
 import os
-import pwd
 import random
 import re
 import shutil
@@ -39,7 +37,6 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -60,6 +57,7 @@ from .clients import (
     unavailable,
     wait_for,
 )
+from .conftest import User
 from .gunicorn_hooks import imported_from, this_checkout_runs
 from .servers import PROJECT, TESTS, GunicornServer
 
@@ -101,26 +99,6 @@ SMALL_FILES = {
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class User:
-    """The unprivileged user gunicorn's workers drop to."""
-
-    uid: int
-    gid: int
-    group: str
-
-
-@pytest.fixture
-def nobody() -> User:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: gunicorn must drop to 'nobody' for the worker to lack root's rights")
-    try:
-        entry = pwd.getpwnam("nobody")
-    except KeyError:
-        pytest.skip("no user 'nobody'")
-    return User(entry.pw_uid, entry.pw_gid, grp.getgrgid(entry.pw_gid).gr_name)
 
 
 @pytest.fixture

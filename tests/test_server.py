@@ -5,11 +5,9 @@ The application is ``tests/server_app.py``; ``tests/servers.py`` starts and stop
 
 from __future__ import annotations
 
-import grp
 import http.client
 import io
 import os
-import pwd
 import re
 import shutil
 import socket
@@ -24,6 +22,7 @@ from urllib.parse import quote
 import pytest
 
 from .clients import read_headers, request, run, sha256, unavailable, wait_for
+from .conftest import User
 from .servers import PROJECT, GunicornServer, open_fds
 
 pytestmark = pytest.mark.server
@@ -336,13 +335,7 @@ def nobody_data() -> Iterator[Path]:
         shutil.rmtree(top, ignore_errors=True)
 
 
-def test_unreadable_file_is_403(nobody_data: Path, outside: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: gunicorn must drop to 'nobody' for a file to be unreadable")
-    try:
-        nobody = pwd.getpwnam("nobody")
-    except KeyError:
-        pytest.skip("no user 'nobody'")
+def test_unreadable_file_is_403(nobody_data: Path, outside: Path, nobody: User) -> None:
     write_files(
         nobody_data,
         {
@@ -356,17 +349,16 @@ def test_unreadable_file_is_403(nobody_data: Path, outside: Path) -> None:
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
     os.chmod(nobody_data / "locked.bin", 0)
     os.chmod(nobody_data / "game" / "locked.bin", 0)
-    group = grp.getgrgid(nobody.pw_gid).gr_name
     with GunicornServer(
         APP,
         pythonpath=[PROJECT],
         # --preload + warm-up: the worker may not be able to read the Python installation once it is 'nobody'.
         env={"ZM_TEST_DATA": str(nobody_data), "ZM_TEST_WARMUP": "1"},
-        args=["--user", "nobody", "--group", group, "--preload"],
+        args=["--user", "nobody", "--group", nobody.group, "--preload"],
     ) as running:
         with open(f"/proc/{running.worker_pid}/status") as file:
             uids = next(line for line in file if line.startswith("Uid:")).split()[1:]
-        assert {int(uid) for uid in uids} == {nobody.pw_uid}
+        assert {int(uid) for uid in uids} == {nobody.uid}
         assert request(running, "GET", "/file/open.bin")[1] == b"readable\n"
         assert request(running, "GET", "/file/locked.bin")[0].status == 403
         assert request(running, "GET", "/folder/game")[0].status == 403

@@ -201,10 +201,11 @@ class SQLiteCrcCache:
             return
         rows = [(*_storable(key), crc, guard(key, key[2], crc)) for key, crc in items.items()]
         done = self._write(
-            "INSERT OR REPLACE INTO file_crc VALUES (?, ?, ?, ?, ?, ?)",
-            rows,
-            "DELETE FROM prefix_crc WHERE device = ? AND inode = ? AND size = ? AND ctime_ns = ?",
-            [row[:4] for row in rows],
+            ("INSERT OR REPLACE INTO file_crc VALUES (?, ?, ?, ?, ?, ?)", rows),
+            (  # the whole file's CRC-32 makes its checkpoints useless
+                "DELETE FROM prefix_crc WHERE device = ? AND inode = ? AND size = ? AND ctime_ns = ?",
+                [row[:4] for row in rows],
+            ),
         )
         if not done:
             self._memory().put_many(items)
@@ -224,7 +225,7 @@ class SQLiteCrcCache:
         if not points:
             return
         rows = [(*_storable(key), offset, crc, guard(key, offset, crc)) for offset, crc in points]
-        if not self._write("INSERT OR REPLACE INTO prefix_crc VALUES (?, ?, ?, ?, ?, ?, ?)", rows):
+        if not self._write(("INSERT OR REPLACE INTO prefix_crc VALUES (?, ?, ?, ?, ?, ?, ?)", rows)):
             self._memory().put_checkpoints(key, points)
 
     def check_writable(self) -> None:
@@ -320,8 +321,8 @@ class SQLiteCrcCache:
                 return None
         return found
 
-    def _write(self, statement: str, rows: Sequence[tuple[int, ...]], *more: object) -> bool:
-        """Run ``statement`` for every row (and more (statement, rows) pairs) in one transaction."""
+    def _write(self, *steps: tuple[str, Sequence[tuple[int, ...]]]) -> bool:
+        """Run each (statement, rows) for every row, all in one transaction."""
         with self._lock:
             connection = self._connected()
             if connection is None:
@@ -329,9 +330,8 @@ class SQLiteCrcCache:
             try:
                 with connection:
                     connection.execute("BEGIN IMMEDIATE")
-                    connection.executemany(statement, rows)
-                    for index in range(0, len(more), 2):
-                        connection.executemany(more[index], more[index + 1])  # type: ignore[arg-type]
+                    for statement, rows in steps:
+                        connection.executemany(statement, rows)
             except sqlite3.Error as exc:
                 self._fail(exc)
                 return False

@@ -239,8 +239,8 @@ class Planner:
         try:
             # Keyed by what was opened, not by how its path is spelled ("x", "./x", "x/."):
             # concurrent requests for one folder share one walk whatever they asked for.
-            key = (opened.st.st_dev, opened.st.st_ino, only_file, name, target.download_name, mimetype, roots)
-            return self.shared.run(key, lambda: self.plan_opened(opened, target.download_name, roots))
+            key = (opened.st.st_dev, opened.st.st_ino, target.download_name, roots)
+            return self.shared.run(key, lambda: self.plan_directory(opened, target.download_name, roots))
         finally:
             os.close(opened.fd)
 
@@ -251,10 +251,6 @@ class Planner:
             raise RefusedError(500, SERVER_ERROR, "no 'roots' configured: refusing to serve a path")
         path = os.fspath(path)
         return path if os.path.isabs(path) else os.path.join(roots[0], path)
-
-    def plan_opened(self, opened: Opened, download_name: str | None, roots: tuple[str, ...]) -> Plan:
-        with self.walks:  # a few at a time: each holds a whole folder's list in memory
-            return self.plan_directory(opened, download_name, roots)
 
     # -- confinement and checks ----------------------------------------------------
 
@@ -301,7 +297,8 @@ class Planner:
     # -- folders ---------------------------------------------------------------------
 
     def plan_directory(self, top: Opened, download_name: str | None, roots: tuple[str, ...]) -> Plan:
-        found = self.walk(top, roots)
+        with self.walks:  # a few at a time: each holds a whole folder's list in memory
+            found = self.walk(top, roots)
         if not found:
             raise RefusedError(404, NOT_FOUND, f"{top.real!r} holds no file to download")
         if len(found) == 1:  # one file: send it as it is, under its own name

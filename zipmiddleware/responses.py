@@ -117,10 +117,10 @@ class CheckedFile(io.FileIO):
 class FileRange:
     """Bytes ``[start, stop)`` of an open file: a WSGI body that closes the file.
 
-    The file must stay the one that was planned: after every read its size and mtime
-    are checked, so a file rewritten in place, truncated or grown while the range goes
-    out aborts the connection before the next chunk (before the last one too), instead
-    of ending cleanly with a mix of two versions.
+    The file must stay the one that was planned: after every read its size, mtime and
+    ctime are checked (see :meth:`FileSnapshot.unchanged`), so a file rewritten in place,
+    truncated or grown while the range goes out aborts the connection before the next
+    chunk (before the last one too), instead of ending cleanly with a mix of two versions.
     """
 
     def __init__(
@@ -184,7 +184,6 @@ def zip_response(
     body: ZipRange | ZipStream
     if length is not None:
         assert layout is not None
-        cold_work = cold_work or ColdCrcWork(crc_cache)
         present = client_presence(environ)
 
         def archive_range(start: int, stop: int) -> ZipRange:
@@ -198,17 +197,16 @@ def zip_response(
                 present=present,
             )
 
-        body = archive_range(0, length)
-        if outcome.status == 206:
-            part = archive_range(outcome.start, outcome.stop)
-            cold, limit = part.cold_bytes, settings.cold_range_limit
+        if outcome.status == 200:
+            body = archive_range(0, length)
+        else:
+            body = archive_range(outcome.start, outcome.stop)
+            cold, limit = body.cold_cost(), settings.cold_range_limit
             # Small cold work (an honest resume's head, at most one checkpoint interval) always
             # waits its turn; more waits only while few requests already do (see checksums.py).
-            admitted = cold == 0 or (cold <= limit and cold_work.reserve(much=cold > CHECKPOINT_EVERY))
-            if admitted:
-                part.reserved = cold > 0
-                body = part
-            else:
+            admitted = cold == 0 or (cold <= limit and body.cold_work.reserve(much=cold > CHECKPOINT_EVERY))
+            body.reserved = admitted and cold > 0
+            if not admitted:
                 logger.info(
                     "range %d-%d of %s would read %d bytes it does not send (cold_range_limit %d%s): "
                     "sending the whole archive instead",
@@ -220,6 +218,7 @@ def zip_response(
                     "" if cold > settings.cold_range_limit else "; enough requests wait for cold work",
                 )
                 outcome = FULL
+                body = archive_range(0, length)
     else:
         body = ZipStream(
             entries,

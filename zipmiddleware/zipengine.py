@@ -27,6 +27,7 @@ the others (deflated, or with source entries) through zipstream-new.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import importlib.metadata
 import logging
@@ -402,8 +403,8 @@ class ZipRange:
     record in the range needs its entry's CRC-32: computed on the way when the range
     reads that file from its start; else from the cache; else learnt by reading the
     file without sending it (*cold* work, see :mod:`.checksums`). A range that starts
-    inside a file whose CRC-32 it needs first learns the CRC-32 of the file's head,
-    from the nearest checkpoint, so that it can keep checkpoints as it goes.
+    inside a file whose CRC-32 it needs sends first and learns the CRC-32 of the head
+    it skipped, from the nearest checkpoint, once its client has received as much.
 
     Every CRC-32 computed from data is compared with the cache's: a wrong cached
     value is logged and replaced, and aborts the response if it was already sent.
@@ -431,8 +432,6 @@ class ZipRange:
         self.present = present
         # Admitted by cold_work.reserve(): released once the cold work is done (or at close).
         self.reserved = False
-        self._needed_list: list[int] | None = None
-        self._needed_set: set[int] = set()
         self._cold_pending: set[int] = set()  # entries whose CRC-32 needs reading without sending
         self._crcs: dict[int, int] | None = None  # entry index -> CRC-32, once looked up
         self._cached: dict[int, int] = {}  # what the cache said, until checked against data
@@ -460,16 +459,10 @@ class ZipRange:
 
     # -- what the range needs ------------------------------------------------------------
 
-    @property
+    @functools.cached_property
     def _needed(self) -> list[int]:
-        """The entries whose descriptor or central record lies in the range (worked out once:
-        not for a HEAD, whose body is never iterated)."""
-        if self._needed_list is None:
-            self._needed_list = self._crc_needed()
-            self._needed_set = set(self._needed_list)
-        return self._needed_list
-
-    def _crc_needed(self) -> list[int]:
+        """The entries whose descriptor or central record lies in the range (worked out when
+        first asked: never for a HEAD, whose body is not iterated)."""
         layout, start, stop = self.layout, self.start, self.stop
         needed = []
         for index, descriptor in enumerate(layout.descriptor_offsets):
@@ -531,9 +524,13 @@ class ZipRange:
                 best = point
         return best
 
-    @property
-    def cold_bytes(self) -> int:
-        """File data this range would read without sending it (with the cache as it is now)."""
+    @functools.cached_property
+    def _needed_set(self) -> set[int]:
+        return set(self._needed)
+
+    def cold_cost(self) -> int:
+        """File data this range would read without sending it (with the cache as it is now);
+        the entries that need it are noted, to give back its admission when they are done."""
         known = self._look_up()
         total = 0
         for index in self._needed:
