@@ -19,6 +19,8 @@ Environment:
     Optional ``cold_range_limit`` (bytes, or with a unit: ``"64 MiB"``). Passed only when
     set and when the middleware has the setting, so that this app also runs on an older
     commit (where a test shows the defect the setting fixed).
+``ZM_TEST_ZERO_COPY``
+    Optional ``zero_copy`` (``"false"`` sends file data through the server), given likewise.
 ``ZM_TEST_STALL_TIMEOUT``
     Optional ``stall_timeout`` in seconds (default 60; 0 turns it off).
 ``ZM_TEST_LOG_LEVEL``
@@ -157,7 +159,7 @@ def optional_settings() -> dict[str, str]:
     """Settings given only when their variable is set and this version of the middleware
     knows them (see ``ZM_TEST_COLD_RANGE_LIMIT``)."""
     known = {setting.name for setting in dataclasses.fields(Settings)}
-    names = {"ZM_TEST_COLD_RANGE_LIMIT": "cold_range_limit"}
+    names = {"ZM_TEST_COLD_RANGE_LIMIT": "cold_range_limit", "ZM_TEST_ZERO_COPY": "zero_copy"}
     return {key: os.environ[name] for name, key in names.items() if os.environ.get(name) and key in known}
 
 

@@ -34,6 +34,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -190,8 +191,10 @@ class GunicornServer(ServerProcess):
         start_timeout: float = 20.0,
         stop_timeout: float = 10.0,
         config: str | os.PathLike[str] | None = None,
+        tls: bool = False,
     ) -> None:
         self.app_spec = app_spec
+        self.tls = tls  # the readiness check then speaks HTTPS (without checking the certificate)
         self.config = os.fspath(config) if config is not None else None
         self.label = app_spec
         self.pythonpath = [os.fspath(p) for p in pythonpath]
@@ -330,7 +333,13 @@ class GunicornServer(ServerProcess):
                     self.master_pid = int(Path(pidfile).read_text().strip())
             if self.master_pid and self.worker_pids():
                 try:
-                    connection = http.client.HTTPConnection(self.host, self.port, timeout=1.0)
+                    connection = (
+                        http.client.HTTPSConnection(
+                            self.host, self.port, timeout=1.0, context=ssl._create_unverified_context()
+                        )
+                        if self.tls
+                        else http.client.HTTPConnection(self.host, self.port, timeout=1.0)
+                    )
                     try:
                         connection.request("GET", self.ready_path)
                         connection.getresponse().read()

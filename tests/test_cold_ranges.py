@@ -21,7 +21,9 @@ from disk, page cache or a sparse file's holes alike), its CPU time and its peak
    about once and hold one plan.
 
 Each server has a cold cache of its own (``crc_cache = ":memory:"``) unless a test says
-otherwise. The worker must import the zipmiddleware beside these tests (tests/gunicorn_hooks.py
+otherwise, and sends file data through the server (``zero_copy = false``): ``rchar`` counts
+what sendfile(2) carries as read too, which would hide the reads these tests count. The cold
+work is the same on both paths; tests/test_zero_copy.py counts the zero-copy path's reads. The worker must import the zipmiddleware beside these tests (tests/gunicorn_hooks.py
 reports it), so that this file also runs, and shows the defects, on an older checkout; for
 the same reason the app passes ``cold_range_limit`` only to a middleware that has it.
 """
@@ -187,7 +189,7 @@ def server_for(
     args: Sequence[str] = (),
 ) -> GunicornServer:
     """The test app over ``root``; ``limit`` is ``cold_range_limit`` (unset: the default)."""
-    env = {"ZM_TEST_DATA": str(root), "ZM_TEST_CRC_CACHE": cache}
+    env = {"ZM_TEST_DATA": str(root), "ZM_TEST_CRC_CACHE": cache, "ZM_TEST_ZERO_COPY": "false"}
     if limit is not None:
         env["ZM_TEST_COLD_RANGE_LIMIT"] = limit
     return GunicornServer(

@@ -195,6 +195,7 @@ def settings_by_door(door: str, tree: Path) -> Settings:
             crc_cache=str(cache),
             stall_timeout=12.5,
             cold_range_limit=1048576,
+            zero_copy=False,
         ).settings
     if door == "toml":
         config = tree / "zipmiddleware.toml"
@@ -210,6 +211,7 @@ zip64 = false
 crc_cache = "{cache}"
 stall_timeout = 12.5
 cold_range_limit = "1 MiB"
+zero_copy = false
 
 [zipmiddleware.routes]
 "/download/<int:game_id>" = "tests.test_config:resolve"
@@ -251,6 +253,7 @@ zip64 = false
 crc_cache = {cache}
 stall_timeout = 12.5
 cold_range_limit = 1MiB
+zero_copy = false
 routes =
     /download/<int:game_id> = tests.test_config:resolve
     /files/<path:subpath> = {{ resolver = "directory",
@@ -279,6 +282,7 @@ routes =
             ZIPSTREAM_CRC_CACHE=str(cache),
             ZIPSTREAM_STALL_TIMEOUT=12.5,
             ZIPSTREAM_COLD_RANGE_LIMIT=1048576,
+            ZIPSTREAM_ZERO_COPY=False,
         )
         return Downloads().init_app(app).settings
     raise AssertionError(door)
@@ -310,6 +314,7 @@ def test_every_door_gives_the_same_settings(door: str, door_tree: Path) -> None:
         "crc_cache": str(door_tree / "crc.sqlite"),
         "stall_timeout": 12.5,
         "cold_range_limit": 1048576,
+        "zero_copy": False,
     }
 
 

@@ -116,7 +116,7 @@ class RunningCrc:
         self.offset, self.crc = start
         self.points: list[Checkpoint] = []
 
-    def update(self, piece: bytes) -> None:
+    def update(self, piece: bytes | bytearray | memoryview) -> None:
         offset, crc, end = self.offset, self.crc, self.offset + len(piece)
         boundary = (offset // CHECKPOINT_EVERY + 1) * CHECKPOINT_EVERY
         if boundary <= end:
@@ -172,6 +172,10 @@ class _Job:
         self.error: BaseException | None = None
 
 
+# About 100 bytes each: at most ~10 MB per process.
+MAX_CONFIRMED = 100_000
+
+
 class ColdCrcWork:
     """Per-process registry of cold CRC-32 computations (see the module's docstring)."""
 
@@ -184,6 +188,19 @@ class ColdCrcWork:
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(concurrency)
         self._jobs: dict[tuple[Key, int], _Job] = {}
+        # Whole-file CRC-32s this process computed from the data (hash of the key -> CRC-32):
+        # a cached value that agrees may be sent without reading the file (the zero-copy path).
+        self._confirmed: dict[int, int] = {}
+
+    def confirm(self, key: Key, crc: int) -> None:
+        """The data of file ``key`` gave ``crc``. Bounded: forgotten all at once when full."""
+        if len(self._confirmed) >= MAX_CONFIRMED:
+            self._confirmed.clear()  # each is then confirmed again, by one more read
+        self._confirmed[hash(key)] = crc
+
+    def confirmed(self, key: Key, crc: int) -> bool:
+        """Whether this process has seen the data of file ``key`` give ``crc``."""
+        return self._confirmed.get(hash(key)) == crc
 
     def prefix(
         self,

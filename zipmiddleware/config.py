@@ -66,6 +66,9 @@ class Settings:
     # learn CRC-32s the cache lacks; a range that needs more gets the whole archive (200).
     # 64 MiB: four times the CRC checkpoint interval, so an honest resume always fits.
     cold_range_limit: int = 64 * 1024 * 1024
+    # Stored file data goes from the page cache to the client's socket with sendfile where
+    # the server allows it (gunicorn's sync and gthread workers without TLS: see zerocopy.py).
+    zero_copy: bool = True
 
 
 def _is_str_list(value: Any) -> bool:
@@ -347,6 +350,7 @@ CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "crc_cache": _crc_cache,
     "stall_timeout": _seconds,
     "cold_range_limit": _bytes,
+    "zero_copy": _bool,
 }
 
 

@@ -27,6 +27,7 @@ from .responses import (
 from .routing import Match, Resolver, RouteTable
 from .targets import Failed, Pending, interpret
 from .types import StartResponse, WSGIApplication, WSGIEnvironment
+from .zerocopy import ZeroCopy
 
 logger = logging.getLogger("zipmiddleware")
 
@@ -108,11 +109,12 @@ class ZipMiddleware:
         if not self._warned_about_server and is_sync_worker_request(environ):
             self._warned_about_server = True
             logger.warning(SYNC_WORKER_WARNING, "30 s by default")
-        body = self.respond(environ, match)(environ, start_response)
+        zero_copy = ZeroCopy.offered(environ, start_response) if self.settings.zero_copy else None
+        body = self.respond(environ, match, zero_copy)(environ, start_response)
         # A client that stops reading must not hold this thread for ever (see connection.py).
         return limit_stalls(environ, body, self.settings.stall_timeout)
 
-    def respond(self, environ: WSGIEnvironment, match: Match) -> Response:
+    def respond(self, environ: WSGIEnvironment, match: Match, zero_copy: ZeroCopy | None = None) -> Response:
         if environ.get("REQUEST_METHOD", "GET").upper() not in ALLOWED_METHODS:
             return method_not_allowed()
         try:
@@ -130,7 +132,7 @@ class ZipMiddleware:
             plan = self.planner.plan(target, getattr(match.resolver, "confine_to", None))
             if isinstance(plan, FilePlan):
                 return file_response(plan, environ, self.settings.chunk_size)
-            return zip_response(plan, environ, self.settings, self.crc_cache, self.cold_work)
+            return zip_response(plan, environ, self.settings, self.crc_cache, self.cold_work, zero_copy)
         except RefusedError as exc:
             close_sources(target)
             level = logging.ERROR if exc.status >= 500 else logging.INFO

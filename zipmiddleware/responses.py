@@ -23,6 +23,7 @@ from .errors import RefusedError, StreamError
 from .names import content_disposition
 from .planning import NOT_FOUND, SERVER_ERROR, FilePlan, FileSnapshot, ZipPlan, close_sources, reopen
 from .types import WSGIEnvironment
+from .zerocopy import ZeroCopy
 from .zipengine import Layout, ZipRange, ZipStream, archive_validators, needs_zip64
 
 logger = logging.getLogger("zipmiddleware")
@@ -152,6 +153,7 @@ def zip_response(
     settings: Settings,
     crc_cache: CrcCache | None,
     cold_work: ColdCrcWork | None = None,
+    zero_copy: ZeroCopy | None = None,
 ) -> Response:
     """A streamed archive. Nothing is read until the server iterates the body.
 
@@ -195,6 +197,7 @@ def zip_response(
                 crc_cache=crc_cache,
                 cold_work=cold_work,
                 present=present,
+                zero_copy=zero_copy,
             )
 
         if outcome.status == 200:

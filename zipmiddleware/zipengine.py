@@ -41,6 +41,7 @@ from .checksums import ClientGoneError, ColdCrcWork, Present, RunningCrc, always
 from .crccache import CHECKPOINT_EVERY, Checkpoint, CrcCache, Key
 from .errors import StreamError
 from .planning import FileSnapshot, PlannedEntry, reopen
+from .zerocopy import SEND_BLOCK, ZeroCopy
 
 logger = logging.getLogger("zipmiddleware")
 
@@ -63,6 +64,10 @@ zipstream = _import_zipstream_new()
 
 # A range gives the cache what it learnt every this many files (and when it ends).
 FLUSH_EVERY = 256
+
+# The zero-copy path reads a file whose CRC-32 it needs this much at a time into one buffer
+# (small enough to stay in the CPU's cache for the CRC-32), then sends it from the page cache.
+CRC_BLOCK = 1024 * 1024
 
 # stdlib's limit (2 GiB - 1) that zipstream-new compares sizes and offsets with.
 ZIP64_LIMIT: int = zipfile.ZIP64_LIMIT
@@ -165,8 +170,12 @@ def _writer_version() -> str:
 FORMAT = f"zipmiddleware-zip/1 zipstream-new/{_writer_version()}"
 
 
-def merged(pieces: Iterable[bytes], chunk_size: int, length: int | None = None) -> Iterator[bytes]:
+def merged(pieces: Iterable[bytes | int], chunk_size: int, length: int | None = None) -> Iterator[bytes]:
     """Merge small pieces into chunks of at least ``chunk_size``; none is empty.
+
+    A piece that is an int ``n`` says that ``n`` bytes went to the client directly (see
+    :mod:`.zerocopy`): what is buffered goes out first, so that when the next piece is
+    asked for, everything before it has been handed to the server. ``0`` only does that.
 
     With ``length``, the total must be exactly that, as promised in Content-Length:
     more or fewer bytes raise :class:`StreamError` (the connection is aborted)
@@ -175,6 +184,17 @@ def merged(pieces: Iterable[bytes], chunk_size: int, length: int | None = None) 
     buffer = bytearray()
     sent = 0
     for piece in pieces:
+        if isinstance(piece, int):
+            if buffer:
+                sent += len(buffer)
+                if length is not None and sent > length:
+                    raise StreamError(f"archive longer than its promised {length} bytes")
+                yield bytes(buffer)
+                buffer.clear()
+            sent += piece
+            if length is not None and sent > length:
+                raise StreamError(f"archive longer than its promised {length} bytes")
+            continue
         if buffer:
             buffer += piece
             if len(buffer) < chunk_size:
@@ -420,6 +440,7 @@ class ZipRange:
         crc_cache: CrcCache | None,
         cold_work: ColdCrcWork | None = None,
         present: Present = always_present,
+        zero_copy: ZeroCopy | None = None,
     ) -> None:
         if not 0 <= start < stop <= layout.length:
             raise ValueError(f"range {start}-{stop} outside an archive of {layout.length} bytes")
@@ -430,6 +451,11 @@ class ZipRange:
         self.crc_cache = crc_cache
         self.cold_work = cold_work or ColdCrcWork(crc_cache)
         self.present = present
+        # Sends file data with sendfile where it can (see zerocopy.py); None: all through the server.
+        self.zero_copy = zero_copy
+        if zero_copy is not None:
+            zero_copy.length = stop - start
+        self._produced = 0  # bytes of the range produced so far, yielded or sent directly
         # Admitted by cold_work.reserve(): released once the cold work is done (or at close).
         self.reserved = False
         self._cold_pending: set[int] = set()  # entries whose CRC-32 needs reading without sending
@@ -439,13 +465,13 @@ class ZipRange:
         self._checkpoints: dict[int, list[Checkpoint]] = {}
         self._learnt: dict[Key, int] = {}  # computed here, not yet given to the cache
         self._progress: tuple[Key, RunningCrc] | None = None  # the file being read from its start
-        self._pieces: Iterator[bytes] | None = None
+        self._pieces: Iterator[bytes | int] | None = None
         self._output: Iterator[bytes] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
         if self._output is None:
             self._pieces = self._generate()
-            self._output = merged(self._pieces, self.chunk_size, self.stop - self.start)
+            self._output = merged(self._counted(self._pieces), self.chunk_size, self.stop - self.start)
         return self._output
 
     def close(self) -> None:
@@ -556,7 +582,12 @@ class ZipRange:
         """The part of ``data``, which lies at ``position``, inside the range."""
         return data[max(self.start - position, 0) : max(self.stop - position, 0)]
 
-    def _generate(self) -> Iterator[bytes]:
+    def _counted(self, pieces: Iterator[bytes | int]) -> Iterator[bytes | int]:
+        for piece in pieces:
+            self._produced += piece if isinstance(piece, int) else len(piece)
+            yield piece
+
+    def _generate(self) -> Iterator[bytes | int]:
         self._look_up()
         try:
             yield from self._entries()
@@ -568,7 +599,7 @@ class ZipRange:
             logger.log(level, "range aborted: %s", exc)
             raise
 
-    def _entries(self) -> Iterator[bytes]:
+    def _entries(self) -> Iterator[bytes | int]:
         layout, start, stop = self.layout, self.start, self.stop
         if start >= layout.directory_offset:
             return
@@ -587,11 +618,16 @@ class ZipRange:
             if entry.size and span is not None:
                 low, high = span
                 crcs = self._look_up()
-                needed = index in self._needed_set
-                if high == entry.size and (low == 0 or (needed and index not in crcs)):
+                cold = index in self._needed_set and index not in crcs
+                # A file read whole checks its cached CRC-32 on the way. The zero-copy path, whose
+                # point is not to read what it sends, does so only until this process has seen
+                # the data give that value (so a forged row is still corrected once per process).
+                trusted = index in crcs and self.cold_work.confirmed(entry.file.identity, crcs[index])
+                check = low == 0 and (self.zero_copy is None or not trusted)
+                if high == entry.size and (check or cold):
                     yield from self._read_learning(index, low)
                 else:  # the CRC-32 is cached, or not needed here
-                    yield from read_file(entry.arcname, entry.file, self.chunk_size, low, high)
+                    yield from self._data(index, low, high)
             if start < layout.entry_end(index) and stop > descriptor:
                 info.CRC = self._crc(index)
                 yield self._window(descriptor, info.DataDescriptor())
@@ -640,12 +676,13 @@ class ZipRange:
             crcs[index] = self.cold_work.prefix(
                 entry.file.identity, entry.size, self._reader(index), start, self.present
             )
+            self.cold_work.confirm(entry.file.identity, crcs[index])
             self._cold_done(index)
         elif index in self._cached:
             self._sent_cached.add(index)
         return crcs[index]
 
-    def _read_learning(self, index: int, low: int) -> Iterator[bytes]:
+    def _read_learning(self, index: int, low: int) -> Iterator[bytes | int]:
         """Pass on a file's data from ``low`` to its end, learning its CRC-32 on the way.
 
         From 0, or from a checkpoint at ``low``, the CRC-32 runs from the file's start and
@@ -657,30 +694,49 @@ class ZipRange:
         """
         entry = self.layout.entries[index]
         assert entry.file is not None and entry.size is not None
-        key, reader = entry.file.identity, self._reader(index)
+        key = entry.file.identity
         nearest = self._best_checkpoint(index, low)
         head_known = nearest[0] == low  # low == 0 included
         running = RunningCrc(nearest if head_known else (low, 0))
         if head_known:
             self._progress = (key, running)
-        for piece in reader(low, entry.size):
-            running.update(piece)
+        for piece in self._data(index, low, entry.size, running):
             yield piece
             if not head_known and running.offset - low >= low - nearest[0]:
-                running, head_known = self._with_head(index, low, nearest, running), True
-                self._progress = (key, running)
+                self._join_head(index, low, nearest, running)
+                head_known, self._progress = True, (key, running)
         if not head_known:
-            running = self._with_head(index, low, nearest, running)
+            self._join_head(index, low, nearest, running)
         self._progress = None
         self._learn(index, running.crc)
 
-    def _with_head(self, index: int, low: int, nearest: Checkpoint, tail: RunningCrc) -> RunningCrc:
-        """``tail`` (the CRC-32 of ``[low, ...)``) joined to the learnt CRC-32 of ``[0, low)``."""
+    def _join_head(self, index: int, low: int, nearest: Checkpoint, tail: RunningCrc) -> None:
+        """Make ``tail`` (the CRC-32 of ``[low, ...)``) that of ``[0, ...)``: the CRC-32 of
+        the head ``[0, low)`` is learnt (cold work) and joined to it."""
         entry = self.layout.entries[index]
         assert entry.file is not None
         head = self.cold_work.prefix(entry.file.identity, low, self._reader(index), nearest, self.present)
         self._cold_done(index)
-        return RunningCrc((tail.offset, crc32_combine(head, tail.crc, tail.offset - low)))
+        tail.crc, tail.points = crc32_combine(head, tail.crc, tail.offset - low), []
+
+    def _data(
+        self, index: int, low: int, high: int, running: RunningCrc | None = None
+    ) -> Iterator[bytes | int]:
+        """Bytes ``[low, high)`` of entry ``index``'s file, sent directly where the server allows
+        it (ints: counts sent), else yielded; ``running`` is given every byte on the way."""
+        entry = self.layout.entries[index]
+        assert entry.file is not None
+        if self.zero_copy is not None:
+            sender, file, produced = self.zero_copy, entry.file, self._sent_so_far
+            yield from send_file(sender, entry.arcname, file, low, high, running, self.chunk_size, produced)
+            return
+        for piece in read_file(entry.arcname, entry.file, self.chunk_size, low, high):
+            if running is not None:
+                running.update(piece)
+            yield piece
+
+    def _sent_so_far(self) -> int:
+        return self._produced
 
     def _learn(self, index: int, crc: int) -> None:
         """A CRC-32 computed from the data: it wins over the cache's."""
@@ -688,6 +744,7 @@ class ZipRange:
         assert entry.file is not None
         cached = self._cached.pop(index, None)
         self._look_up()[index] = crc
+        self.cold_work.confirm(entry.file.identity, crc)
         if cached == crc:
             return
         self._learnt[entry.file.identity] = crc
@@ -744,6 +801,66 @@ def read_file(
                 if not file.unchanged(os.fstat(fd)):
                     raise StreamError(f"{arcname!r}: modified while being read")
             yield data
+    finally:
+        os.close(fd)
+
+
+def send_file(
+    sender: ZeroCopy,
+    arcname: str,
+    file: FileSnapshot,
+    start: int,
+    stop: int,
+    running: RunningCrc | None,
+    chunk_size: int,
+    produced: Callable[[], int],
+) -> Iterator[bytes | int]:
+    """Bytes ``[start, stop)`` of the checked file, sent with ``sendfile`` by ``sender``.
+
+    Yields ints for what it sent itself (``0`` first, so that everything before is out:
+    see :func:`merged`), and bytes (``chunk_size`` at a time, the ordinary way) for any
+    part it could not send directly, such as the first bytes of a response whose headers
+    the server has not sent yet (``produced`` says how many bytes the body produced so
+    far). With ``running`` the data is also read, one block at a time into one buffer,
+    for its CRC-32, and then sent from the page cache: one copy, not two.
+
+    The same promises as :func:`read_file`: the very file that was checked, exactly its
+    bytes, and a file that is shorter, longer, or modified while it is sent (checked
+    after every block, and so before the data descriptor) raises :class:`StreamError`.
+    """
+    try:
+        fd = reopen(file)
+    except OSError as exc:
+        raise StreamError(f"{arcname!r}: cannot be opened any more: {exc}") from exc
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_SEQUENTIAL)
+        buffer = memoryview(bytearray(CRC_BLOCK)) if running is not None else None
+        offset = start
+        while offset < stop:
+            yield 0
+            if sender.ready(produced()):
+                count = min(SEND_BLOCK if buffer is None else CRC_BLOCK, stop - offset)
+                if buffer is not None and running is not None:
+                    if os.preadv(fd, [buffer[:count]], offset) != count:
+                        raise StreamError(f"{arcname!r}: shorter than its {file.size} bytes")
+                    running.update(buffer[:count])
+                if sender.send(fd, offset, count) != count:
+                    raise StreamError(f"{arcname!r}: shorter than its {file.size} bytes")
+                yield count
+            else:
+                count = min(chunk_size, stop - offset)
+                data = os.pread(fd, count, offset)
+                if len(data) != count:
+                    raise StreamError(f"{arcname!r}: shorter than its {file.size} bytes")
+                if running is not None:
+                    running.update(data)
+                yield data
+            offset += count
+            if offset == stop == file.size and os.pread(fd, 1, stop):
+                raise StreamError(f"{arcname!r}: longer than its {file.size} bytes")
+            if not file.unchanged(os.fstat(fd)):
+                raise StreamError(f"{arcname!r}: modified while being read")
     finally:
         os.close(fd)
 
