@@ -44,7 +44,8 @@ Routes (every ``<path:...>`` is relative to ``ZM_TEST_DATA``):
     the file while it is streamed).
 ``/marked/<path:name>``
     A ZIP of every file under the folder ``name`` (path entries) plus a
-    :class:`MarkedSource` entry of ``?source_kib=`` KiB (default 256).
+    :class:`MarkedSource` entry of ``?source_kib=`` KiB (default 256), whose size the
+    archive knows unless ``?unsized=1``.
 ``/pending``, ``/failed``, ``/none``
     ``Pending(retry_after=7)``, ``Failed(..., status=410)`` and ``None``.
 
@@ -151,7 +152,8 @@ def marked(request: Any, name: str) -> ZipTarget:
             path = os.path.join(dirpath, filename)
             entries.append(ZipEntry(os.path.relpath(path, top), path=path))
     size = int(request.args.get("source_kib", "256")) * 1024
-    entries.append(ZipEntry("generated.bin", source=MarkedSource(request.method, size), size=size))
+    known = None if request.args.get("unsized") else size  # ?unsized=1: a source of unknown size
+    entries.append(ZipEntry("generated.bin", source=MarkedSource(request.method, size), size=known))
     return ZipTarget(entries, download_name="marked.zip")
 
 

@@ -178,9 +178,12 @@ def test_zero_copy_false_sends_through_the_server(data: Path, tmp_path: Path) ->
 
 
 def test_entries_of_unknown_size_go_through_the_server(data: Path, tmp_path: Path) -> None:
-    """/marked/ zips a folder plus a generated entry (a source): written by zipstream-new."""
+    """A folder plus a generated entry (a source) of unknown size: written by zipstream-new.
+    Of known size, the same archive is laid out, and its files' data go out with sendfile."""
     log = tmp_path / "s.log"
-    assert sendfile_bytes_for(server(data, trace=log), log, "/marked/small") == 0
+    assert sendfile_bytes_for(server(data, trace=log), log, "/marked/small?unsized=1") == 0
+    log = tmp_path / "sized.log"
+    assert sendfile_bytes_for(server(data, trace=log), log, "/marked/small") >= 1_500_000
 
 
 def test_a_middleware_that_holds_chunks_back_gets_the_ordinary_path(data: Path, tmp_path: Path) -> None:

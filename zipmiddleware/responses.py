@@ -157,10 +157,11 @@ def zip_response(
 ) -> Response:
     """A streamed archive. Nothing is read until the server iterates the body.
 
-    A stored archive whose sizes are all known is laid out in advance: it gets
-    an exact Content-Length, and when every entry is a file also validators and
-    ranges; its full download is the range [0, length). Anything else (deflate,
-    sources) goes through zipstream-new, without ranges. A range whose CRC-32s would
+    A stored archive whose sizes are all known is laid out in advance and written from
+    that one description (:class:`ZipRange`): it gets an exact Content-Length, and when
+    every entry is a file also validators and ranges; its full download is the range
+    [0, length). Anything else (deflate, sources of unknown size) goes through
+    zipstream-new, without ranges. A range whose CRC-32s would
     cost more than ``cold_range_limit`` to learn gets the whole archive (200): the
     client then receives every byte the server reads.
     """
@@ -184,8 +185,15 @@ def zip_response(
         return _bodiless(outcome, validators)
 
     body: ZipRange | ZipStream
-    if length is not None:
-        assert layout is not None
+    if layout is None:  # deflated, or a source of unknown size: zipstream-new writes it
+        body = ZipStream(
+            entries,
+            chunk_size=settings.chunk_size,
+            compression_level=settings.compression_level,
+            zip64=settings.zip64,
+            crc_cache=crc_cache,
+        )
+    else:
         present = client_presence(environ)
 
         def archive_range(start: int, stop: int) -> ZipRange:
@@ -201,7 +209,7 @@ def zip_response(
             )
 
         if outcome.status == 200:
-            body = archive_range(0, length)
+            body = archive_range(0, layout.length)
         else:
             body = archive_range(outcome.start, outcome.stop)
             cold, limit = body.cold_cost(), settings.cold_range_limit
@@ -221,16 +229,7 @@ def zip_response(
                     "" if cold > settings.cold_range_limit else "; enough requests wait for cold work",
                 )
                 outcome = FULL
-                body = archive_range(0, length)
-    else:
-        body = ZipStream(
-            entries,
-            chunk_size=settings.chunk_size,
-            compression_level=settings.compression_level,
-            zip64=settings.zip64,
-            length=layout.length if layout else None,
-            crc_cache=crc_cache,
-        )
+                body = archive_range(0, layout.length)
     response = Response(body, mimetype="application/zip", direct_passthrough=True)
     response.headers["Content-Disposition"] = content_disposition(plan.download_name)
     # Proxies such as nginx buffer responses by default; a download must stream.

@@ -16,12 +16,14 @@ the list of defects in the project's field notes):
    without relying on garbage collection.
 8. zipstream-ng installs the same import name: refused at import.
 
-A stored archive of known sizes is also laid out in advance (:class:`Layout`):
-its exact length, and where each header, data and descriptor lies. A stored
-archive of files is sent as a range of it (:class:`ZipRange`; the full download is
-the range [0, length)), built from zipstream-new's own record code and the CRC-32
-cache, reading file data only where the range needs it. :class:`ZipStream` writes
-the others (deflated, or with source entries) through zipstream-new.
+A stored archive of known sizes is laid out in advance (:class:`Layout`): its
+exact length, and where each header, data and descriptor lies. That one
+description writes every byte of it (:class:`ZipRange`; the full download is the
+range [0, length), and only an archive of files has other ranges), with
+zipstream-new's own record code for the headers and the CRC-32 cache, reading file
+data only where the range needs it and sending it with sendfile where the server
+allows (:mod:`.zerocopy`). :class:`ZipStream` writes the others (deflated, or with
+a source of unknown size) through zipstream-new.
 """
 
 from __future__ import annotations
@@ -444,6 +446,8 @@ class ZipRange:
     ) -> None:
         if not 0 <= start < stop <= layout.length:
             raise ValueError(f"range {start}-{stop} outside an archive of {layout.length} bytes")
+        if (start, stop) != (0, layout.length) and any(entry.file is None for entry in layout.entries):
+            raise ValueError("a source can only be read from its start: only the whole archive has sources")
         self.layout = layout
         self.start = start
         self.stop = stop
@@ -475,7 +479,8 @@ class ZipRange:
         return self._output
 
     def close(self) -> None:
-        _close_all([self._output, self._pieces])
+        """Close the output, every file and every source (read or not), keep what was learnt."""
+        _close_all([self._output, self._pieces, *(entry.source for entry in self.layout.entries)])
         self._cold_done()
         if self._progress is not None:  # cut inside a file: keep what was learnt of its head
             key, running = self._progress
@@ -609,13 +614,19 @@ class ZipRange:
             if offset >= stop:
                 break
             entry = layout.entries[index]
-            assert entry.file is not None
             data, descriptor = layout.data_offsets[index], layout.descriptor_offsets[index]
             info, header = _written(entry, offset, layout.zip64, 0)
             if start < data:
                 yield self._window(offset, header)
             span = self._read_span(index)
-            if entry.size and span is not None:
+            if entry.source is not None:  # the whole archive: read in full, CRC-32 on the way
+                running = RunningCrc()
+                for piece in read_source(entry.arcname, entry.source, entry.size):
+                    running.update(piece)
+                    yield piece
+                self._look_up()[index] = running.crc
+            elif entry.size and span is not None:
+                assert entry.file is not None
                 low, high = span
                 crcs = self._look_up()
                 cold = index in self._needed_set and index not in crcs
