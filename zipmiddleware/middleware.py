@@ -131,7 +131,7 @@ class ZipMiddleware:
         try:
             plan = self.planner.plan(target, getattr(match.resolver, "confine_to", None))
             if isinstance(plan, FilePlan):
-                return file_response(plan, environ, self.settings.chunk_size)
+                return file_response(plan, environ, self.settings.chunk_size, zero_copy)
             return zip_response(plan, environ, self.settings, self.crc_cache, self.cold_work, zero_copy)
         except RefusedError as exc:
             close_sources(target)

@@ -23,8 +23,8 @@ from .errors import RefusedError, StreamError
 from .names import content_disposition
 from .planning import NOT_FOUND, SERVER_ERROR, FilePlan, FileSnapshot, ZipPlan, close_sources, reopen
 from .types import WSGIEnvironment
-from .zerocopy import ZeroCopy
-from .zipengine import Layout, ZipRange, ZipStream, archive_validators, needs_zip64
+from .zerocopy import ZeroCopy, send_part
+from .zipengine import Layout, ZipRange, ZipStream, archive_validators, merged, needs_zip64
 
 logger = logging.getLogger("zipmiddleware")
 
@@ -50,11 +50,15 @@ def pending_response(retry_after: int, message: str | None) -> Response:
     return text_response(202, text, **{"Retry-After": str(max(0, int(retry_after)))})
 
 
-def file_response(plan: FilePlan, environ: WSGIEnvironment, chunk_size: int) -> Response:
+def file_response(
+    plan: FilePlan, environ: WSGIEnvironment, chunk_size: int, zero_copy: ZeroCopy | None = None
+) -> Response:
     """The file itself, with conditional GET and single ranges.
 
-    A full 200 body is the server's ``wsgi.file_wrapper`` object, so gunicorn
-    can use sendfile. A 206 body seeks to the range and reads only it.
+    With ``zero_copy`` (see :mod:`.zerocopy`), a 200 or 206 body sends the file with
+    sendfile one block at a time, checking the file after each. Else a full 200 body is
+    the server's ``wsgi.file_wrapper`` object, so that a server may use sendfile (checked
+    at the end), and a 206 body seeks to the range and reads only it.
     """
     checked = plan.file
     fd = plan.opened
@@ -74,8 +78,9 @@ def file_response(plan: FilePlan, environ: WSGIEnvironment, chunk_size: int) -> 
     # From here the file object owns the descriptor, and the body the file object.
     file = CheckedFile(fd, checked, client_socket(environ))
     mimetype = plan.mimetype or mimetypes.guess_type(plan.download_name)[0] or "application/octet-stream"
-    if outcome.status == 206:
-        body: object = FileRange(file, checked, outcome.start, outcome.stop, chunk_size)
+    if zero_copy is not None or outcome.status == 206:
+        start, stop = (0, size) if outcome.status == 200 else (outcome.start, outcome.stop)
+        body: object = FileRange(file, checked, start, stop, chunk_size, zero_copy)
     else:
         body = wrap_file(environ, file, chunk_size)
     response = Response(body, mimetype=mimetype, direct_passthrough=True)  # type: ignore[arg-type]
@@ -122,15 +127,34 @@ class FileRange:
     ctime are checked (see :meth:`FileSnapshot.unchanged`), so a file rewritten in place,
     truncated or grown while the range goes out aborts the connection before the next
     chunk (before the last one too), instead of ending cleanly with a mix of two versions.
+    With ``zero_copy`` it is sent with sendfile, checked after every block likewise.
     """
 
     def __init__(
-        self, file: io.FileIO, checked: FileSnapshot, start: int, stop: int, chunk_size: int
+        self,
+        file: io.FileIO,
+        checked: FileSnapshot,
+        start: int,
+        stop: int,
+        chunk_size: int,
+        zero_copy: ZeroCopy | None = None,
     ) -> None:
         self.file, self.checked = file, checked
         self.start, self.stop, self.chunk_size = start, stop, chunk_size
+        self.zero_copy = zero_copy
+        if zero_copy is not None:
+            zero_copy.length = stop - start
 
     def __iter__(self) -> Iterator[bytes]:
+        if self.zero_copy is not None:
+            sender, fd, checked = self.zero_copy, self.file.fileno(), self.checked
+            part = send_part(sender, fd, checked.path, checked, self.start, self.stop, None, self.chunk_size)
+            try:
+                yield from merged(sender.counted(part), self.chunk_size, self.stop - self.start)
+            except StreamError as exc:
+                logger.error("download aborted: %s", exc)
+                raise
+            return
         self.file.seek(self.start)
         remaining = self.stop - self.start
         fd = self.file.fileno()

@@ -31,25 +31,38 @@ import errno
 import os
 import select
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from .checksums import RunningCrc
+from .errors import StreamError
+from .planning import FileSnapshot
 from .types import WSGIEnvironment
 
 # One sendfile() call sends at most this much: a stall or a client gone is noticed between
-# calls, and a file that changed, between blocks (see the engine).
+# calls, and a file that changed, between blocks.
 SEND_BLOCK = 8 * 1024 * 1024
+# A file whose CRC-32 is needed is read this much at a time into one buffer (small enough to
+# stay in the CPU's cache for the CRC-32), then that block is sent from the page cache.
+CRC_BLOCK = 1024 * 1024
 
 
 class ZeroCopy:
     """Sends parts of open files to one response's client, while the server's count agrees."""
 
-    __slots__ = ("sock", "response", "length")
+    __slots__ = ("sock", "response", "length", "produced")
 
     def __init__(self, sock: socket.socket, response: Any) -> None:
         self.sock = sock
         self.response = response  # gunicorn.http.wsgi.Response
         self.length: int | None = None  # the body's length, set by the body
+        self.produced = 0  # what the body produced so far: yielded, or sent here
+
+    def counted(self, pieces: Iterator[bytes | int]) -> Iterator[bytes | int]:
+        """``pieces`` (a body's, before they are merged into chunks), counted as produced."""
+        for piece in pieces:
+            self.produced += piece if isinstance(piece, int) else len(piece)
+            yield piece
 
     @classmethod
     def offered(cls, environ: WSGIEnvironment, start_response: Callable[..., Any]) -> ZeroCopy | None:
@@ -74,17 +87,24 @@ class ZeroCopy:
             return None
         return cls(client, response)
 
-    def ready(self, produced: int) -> bool:
-        """Whether the server has written exactly the ``produced`` bytes of this body, so that
-        what is sent now comes right after them."""
+    def ready(self) -> bool:
+        """Whether the server has written exactly the bytes this body produced so far, so
+        that what is sent now comes right after them.
+
+        Before the body's first byte the server has not sent the headers yet (it sends them
+        with the first chunk): then they are sent now, through the server's own method, so
+        that even a body's first byte can go out directly.
+        """
         response = self.response
+        if self.produced == 0 and not response.headers_sent and response.response_length == self.length:
+            response.send_headers()
         return bool(
             self.length is not None
             and response.headers_sent
             and not response.chunked
             and not getattr(response, "_omits_body", False)
             and response.response_length == self.length
-            and response.sent == produced
+            and response.sent == self.produced
         )
 
     def send(self, fd: int, offset: int, count: int) -> int:
@@ -115,3 +135,56 @@ def _writable(fd: int, timeout: float) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
     return bool(poller.poll(timeout * 1000))
+
+
+def send_part(
+    sender: ZeroCopy,
+    fd: int,
+    name: str,
+    file: FileSnapshot,
+    start: int,
+    stop: int,
+    running: RunningCrc | None,
+    chunk_size: int,
+) -> Iterator[bytes | int]:
+    """Bytes ``[start, stop)`` of the open, checked ``file``, sent with sendfile by ``sender``.
+
+    Yields ints for what it sent itself (``0`` before each block, so that everything the
+    body produced before is out first: see :func:`.zipengine.merged`), and bytes
+    (``chunk_size`` at a time, the ordinary way) for any part it could not send directly,
+    such as the first bytes of a response whose headers the server has not sent yet. With
+    ``running`` the data is also read, one block at a time into one buffer, for its
+    CRC-32, and then sent from the page cache: one copy, not two.
+
+    Exactly the checked file's bytes, or :class:`StreamError`: a file that is shorter,
+    longer, or modified (size, mtime, ctime: :meth:`FileSnapshot.unchanged`) is noticed
+    after the block it happened in, before anything that follows the data goes out.
+    """
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_SEQUENTIAL)
+    buffer = memoryview(bytearray(CRC_BLOCK)) if running is not None else None
+    offset = start
+    while offset < stop:
+        yield 0
+        if sender.ready():
+            count = min(SEND_BLOCK if buffer is None else CRC_BLOCK, stop - offset)
+            if buffer is not None and running is not None:
+                if os.preadv(fd, [buffer[:count]], offset) != count:
+                    raise StreamError(f"{name!r}: shorter than its {file.size} bytes")
+                running.update(buffer[:count])
+            if sender.send(fd, offset, count) != count:
+                raise StreamError(f"{name!r}: shorter than its {file.size} bytes")
+            yield count
+        else:
+            count = min(chunk_size, stop - offset)
+            data = os.pread(fd, count, offset)
+            if len(data) != count:
+                raise StreamError(f"{name!r}: shorter than its {file.size} bytes")
+            if running is not None:
+                running.update(data)
+            yield data
+        offset += count
+        if offset == stop == file.size and os.pread(fd, 1, stop):
+            raise StreamError(f"{name!r}: longer than its {file.size} bytes")
+        if not file.unchanged(os.fstat(fd)):
+            raise StreamError(f"{name!r}: modified while being read")
