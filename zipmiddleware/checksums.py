@@ -27,10 +27,10 @@ import logging
 import select
 import socket
 import threading
-import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .compression import crc32
 from .connection import client_socket
 from .crccache import CHECKPOINT_EVERY, Checkpoint, CrcCache, Key
 from .errors import StreamError
@@ -122,13 +122,13 @@ class RunningCrc:
         if boundary <= end:
             view, done = memoryview(piece), 0
             while boundary <= end:
-                crc = zlib.crc32(view[done : boundary - offset], crc)
+                crc = crc32(view[done : boundary - offset], crc)
                 done = boundary - offset
                 self.points.append((boundary, crc))
                 boundary += CHECKPOINT_EVERY
-            crc = zlib.crc32(view[done:], crc)
+            crc = crc32(view[done:], crc)
         else:
-            crc = zlib.crc32(piece, crc)
+            crc = crc32(piece, crc)
         self.offset, self.crc = end, crc
 
 

@@ -35,15 +35,15 @@ import importlib.metadata
 import logging
 import os
 import zipfile
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from . import compression
 from .checksums import ClientGoneError, ColdCrcWork, Present, RunningCrc, always_present, crc32_combine
 from .crccache import CHECKPOINT_EVERY, Checkpoint, CrcCache, Key
 from .errors import StreamError
 from .planning import FileSnapshot, PlannedEntry, reopen
-from .zerocopy import SEND_BLOCK, ZeroCopy
+from .zerocopy import ZeroCopy, send_part
 
 logger = logging.getLogger("zipmiddleware")
 
@@ -67,9 +67,6 @@ zipstream = _import_zipstream_new()
 # A range gives the cache what it learnt every this many files (and when it ends).
 FLUSH_EVERY = 256
 
-# The zero-copy path reads a file whose CRC-32 it needs this much at a time into one buffer
-# (small enough to stay in the CPU's cache for the CRC-32), then sends it from the page cache.
-CRC_BLOCK = 1024 * 1024
 
 # stdlib's limit (2 GiB - 1) that zipstream-new compares sizes and offsets with.
 ZIP64_LIMIT: int = zipfile.ZIP64_LIMIT
@@ -83,7 +80,8 @@ class DeflateLevel(int):
     (level 6), from its module function ``_get_compressor(compress_type)``. The
     entry's ``compress_type`` reaches that function untouched, so an ``int``
     equal to ``ZIP_DEFLATED`` that also knows its level is enough: it packs into
-    headers as 8, and the wrapped function below reads the level from it. Plain
+    headers as 8, and the wrapped function below reads the level from it and builds
+    :func:`.compression.compressobj` (ISA-L where it is installed, else zlib). Plain
     ints behave exactly as before, so other users of zipstream are unaffected.
     """
 
@@ -102,11 +100,13 @@ def _install_level_aware_compressor() -> None:
 
     def get_compressor(compress_type: int) -> Any:
         if isinstance(compress_type, DeflateLevel):
-            return zlib.compressobj(compress_type.level, zlib.DEFLATED, -15)
+            return compression.compressobj(compress_type.level)
         return original(compress_type)
 
     get_compressor.honours_deflate_level = True  # type: ignore[attr-defined]
     zipstream._get_compressor = get_compressor
+    # The CRC-32 zipstream-new computes of each entry: the same values, faster (see compression.py).
+    zipstream.crc32 = compression.crc32
 
 
 _install_level_aware_compressor()
@@ -402,13 +402,14 @@ def archive_validators(
 
     The ETag covers everything that decides the bytes: each entry's name, date,
     and file (device, inode, size, mtime in ns), the settings that shape the
-    archive, zlib's version when deflating, and the writer's format.
+    archive, the compressor's name and version when deflating (its bytes are its own), and
+    the writer's format.
     """
     if not entries or any(entry.file is None for entry in entries):
         return None
     digest = hashlib.sha256(repr((FORMAT, compression_level, zip64)).encode())
     if compression_level:
-        digest.update(zlib.ZLIB_RUNTIME_VERSION.encode())
+        digest.update(compression.COMPRESSOR.encode())
     newest = 0.0
     for entry in entries:
         assert entry.file is not None
@@ -459,7 +460,6 @@ class ZipRange:
         self.zero_copy = zero_copy
         if zero_copy is not None:
             zero_copy.length = stop - start
-        self._produced = 0  # bytes of the range produced so far, yielded or sent directly
         # Admitted by cold_work.reserve(): released once the cold work is done (or at close).
         self.reserved = False
         self._cold_pending: set[int] = set()  # entries whose CRC-32 needs reading without sending
@@ -475,7 +475,8 @@ class ZipRange:
     def __iter__(self) -> Iterator[bytes]:
         if self._output is None:
             self._pieces = self._generate()
-            self._output = merged(self._counted(self._pieces), self.chunk_size, self.stop - self.start)
+            pieces = self._pieces if self.zero_copy is None else self.zero_copy.counted(self._pieces)
+            self._output = merged(pieces, self.chunk_size, self.stop - self.start)
         return self._output
 
     def close(self) -> None:
@@ -586,11 +587,6 @@ class ZipRange:
     def _window(self, position: int, data: bytes) -> bytes:
         """The part of ``data``, which lies at ``position``, inside the range."""
         return data[max(self.start - position, 0) : max(self.stop - position, 0)]
-
-    def _counted(self, pieces: Iterator[bytes | int]) -> Iterator[bytes | int]:
-        for piece in pieces:
-            self._produced += piece if isinstance(piece, int) else len(piece)
-            yield piece
 
     def _generate(self) -> Iterator[bytes | int]:
         self._look_up()
@@ -738,16 +734,13 @@ class ZipRange:
         entry = self.layout.entries[index]
         assert entry.file is not None
         if self.zero_copy is not None:
-            sender, file, produced = self.zero_copy, entry.file, self._sent_so_far
-            yield from send_file(sender, entry.arcname, file, low, high, running, self.chunk_size, produced)
+            sender, file = self.zero_copy, entry.file
+            yield from send_file(sender, entry.arcname, file, low, high, running, self.chunk_size)
             return
         for piece in read_file(entry.arcname, entry.file, self.chunk_size, low, high):
             if running is not None:
                 running.update(piece)
             yield piece
-
-    def _sent_so_far(self) -> int:
-        return self._produced
 
     def _learn(self, index: int, crc: int) -> None:
         """A CRC-32 computed from the data: it wins over the cache's."""
@@ -824,54 +817,15 @@ def send_file(
     stop: int,
     running: RunningCrc | None,
     chunk_size: int,
-    produced: Callable[[], int],
 ) -> Iterator[bytes | int]:
-    """Bytes ``[start, stop)`` of the checked file, sent with ``sendfile`` by ``sender``.
-
-    Yields ints for what it sent itself (``0`` first, so that everything before is out:
-    see :func:`merged`), and bytes (``chunk_size`` at a time, the ordinary way) for any
-    part it could not send directly, such as the first bytes of a response whose headers
-    the server has not sent yet (``produced`` says how many bytes the body produced so
-    far). With ``running`` the data is also read, one block at a time into one buffer,
-    for its CRC-32, and then sent from the page cache: one copy, not two.
-
-    The same promises as :func:`read_file`: the very file that was checked, exactly its
-    bytes, and a file that is shorter, longer, or modified while it is sent (checked
-    after every block, and so before the data descriptor) raises :class:`StreamError`.
-    """
+    """Bytes ``[start, stop)`` of the checked file, reopened, sent by ``sender`` (see
+    :func:`.zerocopy.send_part`, which keeps the promises of :func:`read_file`)."""
     try:
         fd = reopen(file)
     except OSError as exc:
         raise StreamError(f"{arcname!r}: cannot be opened any more: {exc}") from exc
     try:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_SEQUENTIAL)
-        buffer = memoryview(bytearray(CRC_BLOCK)) if running is not None else None
-        offset = start
-        while offset < stop:
-            yield 0
-            if sender.ready(produced()):
-                count = min(SEND_BLOCK if buffer is None else CRC_BLOCK, stop - offset)
-                if buffer is not None and running is not None:
-                    if os.preadv(fd, [buffer[:count]], offset) != count:
-                        raise StreamError(f"{arcname!r}: shorter than its {file.size} bytes")
-                    running.update(buffer[:count])
-                if sender.send(fd, offset, count) != count:
-                    raise StreamError(f"{arcname!r}: shorter than its {file.size} bytes")
-                yield count
-            else:
-                count = min(chunk_size, stop - offset)
-                data = os.pread(fd, count, offset)
-                if len(data) != count:
-                    raise StreamError(f"{arcname!r}: shorter than its {file.size} bytes")
-                if running is not None:
-                    running.update(data)
-                yield data
-            offset += count
-            if offset == stop == file.size and os.pread(fd, 1, stop):
-                raise StreamError(f"{arcname!r}: longer than its {file.size} bytes")
-            if not file.unchanged(os.fstat(fd)):
-                raise StreamError(f"{arcname!r}: modified while being read")
+        yield from send_part(sender, fd, arcname, file, start, stop, running, chunk_size)
     finally:
         os.close(fd)
 
