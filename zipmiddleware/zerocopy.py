@@ -27,10 +27,12 @@ eventlet: not the standard library's socket class), platforms without ``os.sendf
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import os
 import select
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -45,6 +47,8 @@ SEND_BLOCK = 8 * 1024 * 1024
 # A file whose CRC-32 is needed is read this much at a time into one buffer (small enough to
 # stay in the CPU's cache for the CRC-32), then that block is sent from the page cache.
 CRC_BLOCK = 1024 * 1024
+# How far a reader thread may read a file for its CRC-32 ahead of what was sent of it.
+READ_AHEAD = 2 * SEND_BLOCK
 
 
 class ZeroCopy:
@@ -146,15 +150,18 @@ def send_part(
     stop: int,
     running: RunningCrc | None,
     chunk_size: int,
+    ahead: bool = False,
 ) -> Iterator[bytes | int]:
     """Bytes ``[start, stop)`` of the open, checked ``file``, sent with sendfile by ``sender``.
 
     Yields ints for what it sent itself (``0`` before each block, so that everything the
     body produced before is out first: see :func:`.zipengine.merged`), and bytes
-    (``chunk_size`` at a time, the ordinary way) for any part it could not send directly,
-    such as the first bytes of a response whose headers the server has not sent yet. With
-    ``running`` the data is also read, one block at a time into one buffer, for its
-    CRC-32, and then sent from the page cache: one copy, not two.
+    (``chunk_size`` at a time, the ordinary way) for any part it could not send directly.
+
+    With ``running`` the data's CRC-32 is computed too: the file is read one block at a time
+    into one buffer, and each block is then sent from the page cache (one copy, not two).
+    With ``ahead`` as well, that reading and CRC-32 run in a reader thread of the process
+    (see :func:`crc_readers`) while this thread sends, and the result is awaited at the end.
 
     Exactly the checked file's bytes, or :class:`StreamError`: a file that is shorter,
     longer, or modified (size, mtime, ctime: :meth:`FileSnapshot.unchanged`) is noticed
@@ -162,29 +169,102 @@ def send_part(
     """
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_SEQUENTIAL)
+    reader: CrcReader | None = None
+    if running is not None and ahead:
+        reader = CrcReader(fd, name, file, start, stop, running)
+        running = None  # the reader computes it
     buffer = memoryview(bytearray(CRC_BLOCK)) if running is not None else None
     offset = start
-    while offset < stop:
-        yield 0
-        if sender.ready():
-            count = min(SEND_BLOCK if buffer is None else CRC_BLOCK, stop - offset)
-            if buffer is not None and running is not None:
-                if os.preadv(fd, [buffer[:count]], offset) != count:
+    try:
+        while offset < stop:
+            yield 0
+            if sender.ready():
+                count = min(SEND_BLOCK if buffer is None else CRC_BLOCK, stop - offset)
+                if buffer is not None and running is not None:
+                    if os.preadv(fd, [buffer[:count]], offset) != count:
+                        raise StreamError(f"{name!r}: shorter than its {file.size} bytes")
+                    running.update(buffer[:count])
+                if sender.send(fd, offset, count) != count:
                     raise StreamError(f"{name!r}: shorter than its {file.size} bytes")
-                running.update(buffer[:count])
-            if sender.send(fd, offset, count) != count:
-                raise StreamError(f"{name!r}: shorter than its {file.size} bytes")
-            yield count
-        else:
-            count = min(chunk_size, stop - offset)
-            data = os.pread(fd, count, offset)
-            if len(data) != count:
-                raise StreamError(f"{name!r}: shorter than its {file.size} bytes")
-            if running is not None:
-                running.update(data)
-            yield data
-        offset += count
-        if offset == stop == file.size and os.pread(fd, 1, stop):
-            raise StreamError(f"{name!r}: longer than its {file.size} bytes")
-        if not file.unchanged(os.fstat(fd)):
-            raise StreamError(f"{name!r}: modified while being read")
+                yield count
+            else:
+                count = min(chunk_size, stop - offset)
+                data = os.pread(fd, count, offset)
+                if len(data) != count:
+                    raise StreamError(f"{name!r}: shorter than its {file.size} bytes")
+                if running is not None:
+                    running.update(data)
+                yield data
+            offset += count
+            if reader is not None:
+                reader.advance(offset)
+            if offset == stop == file.size and os.pread(fd, 1, stop):
+                raise StreamError(f"{name!r}: longer than its {file.size} bytes")
+            if not file.unchanged(os.fstat(fd)):
+                raise StreamError(f"{name!r}: modified while being read")
+        if reader is not None:
+            reader.result()
+    finally:
+        if reader is not None:
+            reader.stop()  # before the caller closes fd: its number must not be reused meanwhile
+
+
+class CrcReader:
+    """Reads ``[start, stop)`` of an open file for its CRC-32 (into ``running``), in one of
+    the process's reader threads, while the download's own thread sends the same bytes."""
+
+    def __init__(
+        self, fd: int, name: str, file: FileSnapshot, start: int, stop: int, running: RunningCrc
+    ) -> None:
+        self.fd, self.name, self.file = fd, name, file
+        self.start, self.stop_at, self.running = start, stop, running
+        self.cancelled = threading.Event()
+        self.sent = start  # how far the download's thread has sent
+        self.progress = threading.Condition()
+        self.future = crc_readers().submit(self._read)
+
+    def _read(self) -> None:
+        buffer = memoryview(bytearray(CRC_BLOCK))
+        offset, stop = self.start, self.stop_at
+        while offset < stop and not self.cancelled.is_set():
+            with self.progress:  # never far ahead of what was sent: a client may leave
+                while offset - self.sent >= READ_AHEAD and not self.cancelled.is_set():
+                    self.progress.wait()
+            count = min(CRC_BLOCK, stop - offset)
+            if os.preadv(self.fd, [buffer[:count]], offset) != count:
+                raise StreamError(f"{self.name!r}: shorter than its {self.file.size} bytes")
+            self.running.update(buffer[:count])
+            offset += count
+
+    def advance(self, sent: int) -> None:
+        """The download's thread has sent up to ``sent``."""
+        with self.progress:
+            self.sent = sent
+            self.progress.notify()
+
+    def result(self) -> None:
+        """Wait until the CRC-32 of every byte is in ``running``; the reader's error, if any."""
+        self.future.result()
+
+    def stop(self) -> None:
+        """Stop reading (at the next block) and wait until the thread has let go of the file."""
+        self.cancelled.set()
+        with self.progress:
+            self.progress.notify()
+        if not self.future.cancel():
+            concurrent.futures.wait([self.future])
+
+
+_readers: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+_readers_lock = threading.Lock()
+
+
+def crc_readers() -> concurrent.futures.ThreadPoolExecutor:
+    """This process's reader threads, one per CPU (made on first use, and again in a child
+    after a fork, whose copy of the parent's pool has no threads)."""
+    global _readers
+    with _readers_lock:
+        if _readers is None or _readers[0] != os.getpid():
+            workers = max(2, os.cpu_count() or 2)
+            _readers = (os.getpid(), concurrent.futures.ThreadPoolExecutor(workers, "zipmiddleware-crc"))
+        return _readers[1]

@@ -707,7 +707,7 @@ class ZipRange:
         running = RunningCrc(nearest if head_known else (low, 0))
         if head_known:
             self._progress = (key, running)
-        for piece in self._data(index, low, entry.size, running):
+        for piece in self._data(index, low, entry.size, running, ahead=head_known):
             yield piece
             if not head_known and running.offset - low >= low - nearest[0]:
                 self._join_head(index, low, nearest, running)
@@ -727,15 +727,17 @@ class ZipRange:
         tail.crc, tail.points = crc32_combine(head, tail.crc, tail.offset - low), []
 
     def _data(
-        self, index: int, low: int, high: int, running: RunningCrc | None = None
+        self, index: int, low: int, high: int, running: RunningCrc | None = None, ahead: bool = False
     ) -> Iterator[bytes | int]:
         """Bytes ``[low, high)`` of entry ``index``'s file, sent directly where the server allows
-        it (ints: counts sent), else yielded; ``running`` is given every byte on the way."""
+        it (ints: counts sent), else yielded; ``running`` is given every byte on the way (by
+        a reader thread when sent directly and ``ahead``: then ``running`` is complete only
+        once this ends, so nothing may look at it meanwhile)."""
         entry = self.layout.entries[index]
         assert entry.file is not None
         if self.zero_copy is not None:
-            sender, file = self.zero_copy, entry.file
-            yield from send_file(sender, entry.arcname, file, low, high, running, self.chunk_size)
+            sender, file, size = self.zero_copy, entry.file, self.chunk_size
+            yield from send_file(sender, entry.arcname, file, low, high, running, size, ahead)
             return
         for piece in read_file(entry.arcname, entry.file, self.chunk_size, low, high):
             if running is not None:
@@ -817,6 +819,7 @@ def send_file(
     stop: int,
     running: RunningCrc | None,
     chunk_size: int,
+    ahead: bool = False,
 ) -> Iterator[bytes | int]:
     """Bytes ``[start, stop)`` of the checked file, reopened, sent by ``sender`` (see
     :func:`.zerocopy.send_part`, which keeps the promises of :func:`read_file`)."""
@@ -825,7 +828,7 @@ def send_file(
     except OSError as exc:
         raise StreamError(f"{arcname!r}: cannot be opened any more: {exc}") from exc
     try:
-        yield from send_part(sender, fd, arcname, file, start, stop, running, chunk_size)
+        yield from send_part(sender, fd, arcname, file, start, stop, running, chunk_size, ahead)
     finally:
         os.close(fd)
 
