@@ -356,3 +356,40 @@ def test_clients_that_leave_mid_file_release_every_file(data: Path, tmp_path: Pa
         assert srv.worker_pid == pid  # nothing crashed
         assert get(srv, "/folder/small")[0] == 200  # and it still serves
     assert byte_counts(log).get("sendfile", 0) > 0  # the path under test was the zero-copy one
+
+
+def test_no_sendfile_option_of_gunicorn_is_respected(data: Path, tmp_path: Path) -> None:
+    log = tmp_path / "s.log"
+    srv = server(data, trace=log, args=("--no-sendfile",))
+    assert sendfile_bytes_for(srv, log, "/folder/small") == 0
+
+
+def test_responses_sent_directly_keep_the_connection_alive_and_exact(data: Path) -> None:
+    """gunicorn's count of what it sent includes what went out directly, so a kept-alive
+    connection carries the next responses intact, and its access log has the real sizes."""
+    with server(data, zero_copy=False) as plain:
+        expected = [
+            get(plain, "/folder/small")[2],
+            get(plain, "/folder/small", {"Range": "bytes=1000-700000"})[2],
+            get(plain, "/file/small/f1.bin")[2],
+        ]
+    with server(data, args=("--access-logfile", "-")) as srv:
+        connection = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
+        try:
+            for _ in range(2):
+                got = []
+                for path, headers in [
+                    ("/folder/small", {}),
+                    ("/folder/small", {"Range": "bytes=1000-700000"}),
+                    ("/file/small/f1.bin", {}),
+                ]:
+                    connection.request("GET", path, headers=headers)
+                    response = connection.getresponse()
+                    got.append(response.read())
+                    assert not response.will_close
+                assert got == expected
+        finally:
+            connection.close()
+        log = srv.log()
+    sizes = re.findall(r'"GET /folder/small HTTP/1.1" 200 (\d+)', log)
+    assert sizes and all(int(size) == len(expected[0]) for size in sizes), log[-2000:]
