@@ -166,7 +166,7 @@ app.config.update(
     ZIPSTREAM_ROOTS=[str(GAMES)],
     ZIPSTREAM_EXCLUDE=["updates", "extras"],
     ZIPSTREAM_IGNORE=["*.nfo", "*.sfv", "file_id.diz"],
-    ZIPSTREAM_CHUNK_SIZE=65536,
+    ZIPSTREAM_CHUNK_SIZE=262144,
     ZIPSTREAM_COMPRESSION_LEVEL=0,
     ZIPSTREAM_ENABLE_ZIP64=True,
     ZIPSTREAM_CRC_CACHE=str(DATA / "crc-cache.sqlite"),

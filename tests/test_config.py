@@ -19,7 +19,7 @@ def resolve(request, **args):  # used as "tests.test_config:resolve"
 
 def test_defaults_are_the_contracts() -> None:
     settings = ZipMiddleware(plain_app).settings
-    assert (settings.chunk_size, settings.compression_level, settings.zip64) == (65536, 0, True)
+    assert (settings.chunk_size, settings.compression_level, settings.zip64) == (262144, 0, True)
     assert settings.roots == settings.exclude == settings.ignore == ()
 
 

@@ -4,7 +4,7 @@
 
     app.config.update(
         ZIPSTREAM_ROUTES={"/files/<path:subpath>": {"resolver": "directory", "root": "/srv/games"}},
-        ZIPSTREAM_CHUNK_SIZE=65536,
+        ZIPSTREAM_CHUNK_SIZE=262144,
         ZIPSTREAM_COMPRESSION_LEVEL=0,
         ZIPSTREAM_ENABLE_ZIP64=True,
     )
