@@ -17,6 +17,21 @@ runs. MB/s counts the bytes received (1 MB = 10**6 bytes). A response with anoth
 expected is a failure, not a figure: the script goes on with the other figures, prints the
 server's log tail and exits with status 1.
 
+CPU: every timed download also notes the CPU seconds (user + system) it cost the server, the
+utime + stime of the gunicorn worker process(es) (the master's children, all their threads) in
+/proc/<pid>/stat just before curl starts and just after it ends, in clock ticks
+(os.sysconf('SC_CLK_TCK'), 1/100 s on Linux), and the CPU seconds curl itself used
+(resource.getrusage(RUSAGE_CHILDREN) before and after: the curls are the only children that
+end meanwhile; this includes curl's start-up, a few ms); both per GB received (10**9 bytes),
+quoted as medians over the runs (the columns "server CPU s/GB" and "curl CPU s/GB"; one clock
+tick is 0.06 s/GB of a --quick download, 0.01 s/GB of a default one). After the targets, a
+line per stored ZIP configuration (and one for figure 4) compares the CPU that server and curl
+together spend per GB with the baseline's: a download that is CPU-bound on CPUs that server
+and client share gets MB/s = CPUs busy / (server + curl CPU s/GB), so, with as many CPUs busy,
+its ratio to the baseline is (the baseline's server + curl CPU s/GB) / (its own); from that,
+the server CPU per GB that a target leaves, with curl's cost as measured. The CPUs busy
+(MB/s x CPU s/GB, median of the runs') are shown too.
+
 The data set: a folder of 10 random files (--file-mib MiB each, 100 by default) and the
 same 10 files concatenated into one file; built once and reused from
 $TMPDIR/zipmiddleware-bench-engine/, read once (with a CRC-32 of each file) before timing.
@@ -59,6 +74,7 @@ import json
 import os
 import platform
 import posixpath
+import resource
 import shutil
 import signal
 import socket
@@ -84,6 +100,8 @@ OTHERS_VENV = Path(tempfile.gettempdir()) / "zipmiddleware-bench-others-venv"
 OTHERS_PACKAGES = ["zipstream-ng", "stream-zip"]
 
 MB = 10**6
+GB = 10**9
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of utime and stime in /proc/<pid>/stat
 KIB = 1 << 10
 MIB = 1 << 20
 FILES = 10
@@ -196,6 +214,45 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process (all its threads), in clock ticks: fields 14 and 15 of
+    /proc/<pid>/stat (proc(5)), counted here from the field after the command's ')'."""
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def children_cpu() -> float:
+    """User + system seconds of this script's children that have ended and been waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuMeter:
+    """The CPU seconds spent from its creation to :meth:`spent` by a server's workers and by the
+    children of this script that ended meanwhile (the curls run in between)."""
+
+    def __init__(self, server: Server) -> None:
+        self.label = server.label
+        self.workers = server.worker_pids()
+        if not self.workers:
+            raise BenchFailure(f"{server.label}: no gunicorn worker to measure")
+        try:
+            self.ticks = sum(cpu_ticks(pid) for pid in self.workers)
+        except (OSError, ValueError, IndexError) as exc:
+            raise BenchFailure(f"{server.label}: cannot read a worker's CPU time: {exc!r}") from None
+        self.children = children_cpu()
+
+    def spent(self) -> tuple[float, float]:
+        """(the workers' CPU seconds, the ended children's CPU seconds)"""
+        children = children_cpu() - self.children
+        try:
+            ticks = sum(cpu_ticks(pid) for pid in self.workers) - self.ticks
+        except (OSError, ValueError, IndexError):
+            raise BenchFailure(f"{self.label}: a gunicorn worker exited during the download") from None
+        return ticks / CLOCK_TICKS, children
+
+
 _CONTROL_SOCKET_OPTION: dict[str, bool] = {}
 
 
@@ -250,6 +307,14 @@ class Server:
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes now serving: the master's children."""
+        if self.process is None:
+            return []
+        workers = children(self.process.pid)
+        self.seen_workers.update(workers)
+        return workers
 
     def start(self) -> None:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -387,6 +452,16 @@ def check_download(download: Download, expected: int, sized: bool | None) -> Non
 
 
 @dataclass
+class Timed:
+    """One timed run: MB/s, and the CPU seconds per GB received of the server and of curl."""
+
+    mbps: float
+    server_cpu: float
+    client_cpu: float
+    size: int  # bytes received
+
+
+@dataclass
 class Fetched:
     status: int
     headers: dict[str, str]
@@ -460,6 +535,9 @@ class Figure:
     label: str
     runs: list[float] = field(default_factory=list)  # MB/s
     ratios: list[float] = field(default_factory=list)  # each run / the baseline run just before it
+    server_cpus: list[float] = field(default_factory=list)  # each run's server CPU s/GB
+    client_cpus: list[float] = field(default_factory=list)  # each run's curl CPU s/GB
+    size: int = 0  # the bytes of a run (all downloads of it): one clock tick is GB / CLOCK_TICKS / size
     failure: str | None = None
     log: str = ""  # the tail of its server's log
     log_path: Path | None = None
@@ -471,6 +549,41 @@ class Figure:
     @property
     def ratio(self) -> float | None:
         return statistics.median(self.ratios) if self.ratios and self.failure is None else None
+
+    @property
+    def server_cpu(self) -> float | None:
+        return statistics.median(self.server_cpus) if self.server_cpus and self.failure is None else None
+
+    @property
+    def client_cpu(self) -> float | None:
+        return statistics.median(self.client_cpus) if self.client_cpus and self.failure is None else None
+
+    @property
+    def total_cpu(self) -> float | None:
+        if self.server_cpu is None or self.client_cpu is None:
+            return None
+        return self.server_cpu + self.client_cpu
+
+    @property
+    def busy(self) -> float | None:
+        """The CPUs server and curl kept busy (MB/s x their CPU s/GB), the median of the runs'."""
+        if not self.server_cpus or self.failure is not None:
+            return None
+        return statistics.median(
+            mbps * MB * (server + client) / GB
+            for mbps, server, client in zip(self.runs, self.server_cpus, self.client_cpus, strict=True)
+        )
+
+    @property
+    def tick(self) -> float:
+        """One clock tick of server CPU, in s/GB of a run."""
+        return GB / CLOCK_TICKS / self.size if self.size else 0.0
+
+    def add(self, timed: Timed) -> None:
+        self.size = timed.size
+        self.runs.append(timed.mbps)
+        self.server_cpus.append(timed.server_cpu)
+        self.client_cpus.append(timed.client_cpu)
 
 
 @dataclass(frozen=True)
@@ -538,17 +651,27 @@ class Bench:
         env = {"ZM_BENCH_FILE": str(self.data.big)}
         return Server(label, MAIN_GUNICORN, "sendfile_app:app", env, self.logdir, workers)
 
-    def curl(self, server: Server, path: str, expected: int, sized: bool) -> float:
+    def curl(self, server: Server, path: str, expected: int, sized: bool) -> Timed:
         command = curl_command(server.url(path), self.with_header)
+        meter = CpuMeter(server)
         result = subprocess.run(command, capture_output=True, text=True)
+        server_seconds, curl_seconds = meter.spent()
         download = parse_curl(result.returncode, result.stdout, result.stderr, self.with_header)
         check_download(download, expected, sized)
-        return download.size / MB / download.seconds
+        gigabytes = download.size / GB
+        return Timed(
+            download.size / MB / download.seconds,
+            server_seconds / gigabytes,
+            curl_seconds / gigabytes,
+            download.size,
+        )
 
-    def curl_many(self, server: Server, path: str, count: int, expected: int, sized: bool) -> float:
-        """``count`` downloads at once; aggregate MB/s over the wall time of all of them."""
+    def curl_many(self, server: Server, path: str, count: int, expected: int, sized: bool) -> Timed:
+        """``count`` downloads at once; aggregate MB/s over the wall time of all of them, and the
+        CPU of all the server's workers and of all the curls per GB received in all."""
         command = curl_command(server.url(path), self.with_header)
         processes = []
+        meter = CpuMeter(server)
         started = time.perf_counter()
         try:
             for _ in range(count):
@@ -557,6 +680,7 @@ class Bench:
                 )
             outputs = [process.communicate() for process in processes]
             elapsed = time.perf_counter() - started
+            server_seconds, curl_seconds = meter.spent()
         finally:
             for process in processes:
                 if process.poll() is None:
@@ -567,12 +691,12 @@ class Bench:
             download = parse_curl(process.returncode, stdout, stderr, self.with_header)
             check_download(download, expected, sized)
             total += download.size
-        return total / MB / elapsed
+        return Timed(total / MB / elapsed, server_seconds / (total / GB), curl_seconds / (total / GB), total)
 
-    def record(self, figure: Figure, value: float) -> None:
-        figure.runs.append(value)
+    def record(self, figure: Figure, timed: Timed) -> None:
+        figure.add(timed)
         if self.last_baseline:
-            figure.ratios.append(value / self.last_baseline)
+            figure.ratios.append(timed.mbps / self.last_baseline)
 
     def attempt(self, figure: Figure, server: Server | None, action: Callable[[], None]) -> None:
         """Run one measurement or check of ``figure``; a failure marks the figure failed."""
@@ -712,10 +836,10 @@ class Bench:
                 self.last_baseline = None
 
                 def run() -> None:
-                    value = self.curl(baseline_server, "/file", big, sized=True)
-                    self.record(baseline, value)
+                    timed = self.curl(baseline_server, "/file", big, sized=True)
+                    self.record(baseline, timed)
                     baseline.ratios.append(1.0)
-                    self.last_baseline = value
+                    self.last_baseline = timed.mbps
 
                 self.attempt(baseline, baseline_server, run)
 
@@ -813,8 +937,9 @@ class Bench:
                         length: int = length,
                         done: dict[int, float] = done,
                     ) -> None:
-                        done[id(figure)] = self.curl_many(server, path, CONCURRENT, length, sized=True)
-                        figure.runs.append(done[id(figure)])
+                        timed = self.curl_many(server, path, CONCURRENT, length, sized=True)
+                        done[id(figure)] = timed.mbps
+                        figure.add(timed)
 
                     self.attempt(figure, server, run)
                 if id(sendfile) in done and id(zipped) in done:  # this round's pair
@@ -876,7 +1001,10 @@ def others_venv() -> tuple[Path | None, str]:
 def print_table(title: str, rows: Sequence[Figure], base_name: str) -> None:
     width = max(len(f"{row.number}  {row.label}") for row in rows)
     print(f"\n{title}")
-    print(f"{'figure':<{width}}  {'MB/s':>7}  {'x ' + base_name:>10}  runs: MB/s (x {base_name})")
+    print(
+        f"{'figure':<{width}}  {'MB/s':>7}  {'x ' + base_name:>10}  {'server CPU s/GB':>15}  "
+        f"{'curl CPU s/GB':>13}  runs: MB/s (x {base_name})"
+    )
     for row in rows:
         name = f"{row.number}  {row.label}"
         if row.failure is not None:
@@ -892,7 +1020,119 @@ def print_table(title: str, rows: Sequence[Figure], base_name: str) -> None:
         else:
             runs = ", ".join(f"{run:,.0f}" for run in row.runs)
         shown = f"{value:,.0f}" if value is not None else "-"
-        print(f"{name:<{width}}  {shown:>7}  {f'{ratio:.2f}' if ratio is not None else '-':>10}  {runs}")
+        print(
+            f"{name:<{width}}  {shown:>7}  {f'{ratio:.2f}' if ratio is not None else '-':>10}  "
+            f"{cpu_text(row.server_cpu):>15}  {cpu_text(row.client_cpu):>13}  {runs}"
+        )
+
+
+def cpu_text(seconds_per_gb: float | None) -> str:
+    return f"{seconds_per_gb:.2f}" if seconds_per_gb is not None else "-"
+
+
+def usable_cpus() -> int:
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cpu_needs(figure: Figure, curl_named: bool) -> str:
+    """server + curl = total CPU s/GB, and how many CPUs that kept busy at the figure's MB/s."""
+    assert figure.server_cpu is not None and figure.client_cpu is not None and figure.total_cpu is not None
+    busy = f" ({figure.busy:.2f} CPUs busy)" if figure.busy is not None else ""
+    return (
+        f"{figure.server_cpu:.2f} + {figure.client_cpu:.2f}{' (curl)' if curl_named else ''} = "
+        f"{figure.total_cpu:.2f}{' CPU s/GB' if curl_named else ''}{busy}"
+    )
+
+
+def cpu_reach(figure: Figure, base: Figure, target: float, base_name: str | None) -> str:
+    """The CPU per GB of ``figure`` (server + curl) against that of ``base``: the ratio of the two
+    when both are CPU-bound on the same CPUs, and the server CPU per GB that ``target`` leaves;
+    spelt out when ``base_name`` is given, else short (a second clause of the same line)."""
+    total, base_total = figure.total_cpu, base.total_cpu
+    if total is None or base_total is None or figure.client_cpu is None:
+        return "not measured"
+    measured = f"{figure.ratio:.2f}x" if figure.ratio is not None else "-"
+    budget = base_total / target - figure.client_cpu  # the most server CPU s/GB that meets it
+    if budget <= 0:
+        leaves = f"curl alone needs more than {target:.2f}x allows"
+    elif base_name is not None:
+        leaves = f"{target:.2f}x leaves the server {budget:.2f} s/GB"
+    else:
+        leaves = f"{target:.2f}x leaves {budget:.2f}"
+    reach = f"{base_total / total:.2f}x" + (f" {base_name}" if base_name is not None else "")
+    return f"{cpu_needs(figure, base_name is not None)}: CPU-bound, {reach} (measured {measured}; {leaves})"
+
+
+def cpu_difference(more: Figure, less: Figure, what: str, why: str) -> str:
+    """How much more (or less) server CPU per GB ``more`` costs than ``less``, with ``why`` when it is
+    more; "about as much" within two clock ticks (one for each median)."""
+    assert more.server_cpu is not None and less.server_cpu is not None
+    difference = more.server_cpu - less.server_cpu
+    resolution = max(more.tick, less.tick)
+    if abs(difference) <= 2 * resolution * (1 + 1e-9):  # two ticks, whatever the rounding
+        return (
+            f"costs the server about as much CPU as {what} ({difference:+.2f} s/GB, within two clock "
+            f"ticks of {resolution:.2f} s/GB)"
+        )
+    return (
+        f"costs the server {abs(difference):.2f} s/GB {'more' if difference > 0 else 'less'} CPU than {what}"
+        + (f" ({why})" if difference > 0 and why else "")
+    )
+
+
+def print_cpu_limits(
+    bench: Bench,
+    configs: Sequence[ZipConfig],
+    default: ZipConfig,
+    baseline: Figure | None,
+    concurrent: tuple[Figure, Figure] | None,
+) -> None:
+    """One line per stored ZIP configuration (and one for figure 4): where the CPU puts the limit."""
+    cpus = usable_cpus()
+    lines = []
+    ticks = []
+    if bench.zip_figures and baseline is not None and baseline.total_cpu is not None:
+        ticks.append(f"{baseline.tick:.2f} s/GB for one download of {baseline.size / MB:,.0f} MB")
+        lines.append(f"  baseline: {cpu_needs(baseline, True)}")
+        for config in configs:
+            cold = bench.zip_figures.get((config, "cold"))
+            warm = bench.zip_figures.get((config, "warm"))
+            if cold is None or warm is None:
+                continue
+            name = config.name + ("*" if config == default else "")
+            if cold.server_cpu is None or warm.server_cpu is None:
+                lines.append(f"  {name}: not measured")
+                continue
+            costs = cpu_difference(cold, warm, "warm", "reading each file once for its CRC-32")
+            cold_reach = cpu_reach(cold, baseline, TARGET_COLD, "the baseline")
+            warm_reach = cpu_reach(warm, baseline, TARGET_WARM, None)
+            lines.append(
+                f"  {name}: cold {costs}; with the client on the same {cpus} CPUs, cold {cold_reach}; "
+                f"warm {warm_reach}"
+            )
+    if concurrent is not None:
+        sendfile, zipped = concurrent
+        if zipped.server_cpu is not None and sendfile.server_cpu is not None:
+            ticks.append(f"{zipped.tick:.3f} s/GB for figure 4's {zipped.size / MB:,.0f} MB")
+            costs = cpu_difference(zipped, sendfile, "sendfile", "")
+            zipped_reach = cpu_reach(zipped, sendfile, TARGET_CONCURRENT, "sendfile")
+            lines.append(
+                f"  {CONCURRENT} concurrent (-w 2): the stored ZIP {costs}; with the {CONCURRENT} curls on "
+                f"the same {cpus} CPUs, sendfile needs {cpu_needs(sendfile, True)}, "
+                f"the stored ZIP {zipped_reach}"
+            )
+        else:
+            lines.append(f"  {CONCURRENT} concurrent (-w 2): not measured")
+    if lines:
+        print(
+            "\nCPU per GB, medians (server: the gunicorn worker(s); curl: the client, on the same CPUs; "
+            f"one clock tick is {' and '.join(ticks) or '-'}).\nCPU-bound with the same CPUs, MB/s goes "
+            "as 1 / (server + curl CPU s/GB): a figure's ratio to its baseline is the baseline's sum over "
+            "its own" + (" (* the default chunk_size)" if bench.zip_figures else "")
+        )
+        print("\n".join(lines))
 
 
 def verdict(ratio: float | None, target: float) -> str:
@@ -1037,14 +1277,18 @@ def main() -> None:
     if single and baseline is not None:
         print_table(
             f"One download at a time (gunicorn -w 1 --threads {THREADS}); MB/s: median; x base: median of "
-            "the runs' ratios,\neach run's MB/s / that of the baseline run (figure 1) made just before it",
+            "the runs' ratios,\neach run's MB/s / that of the baseline run (figure 1) made just before it"
+            "\nserver / curl CPU s/GB: median CPU seconds (user + system) of the gunicorn worker(s) / of "
+            "curl per GB (10**9 bytes) received",
             single,
             "base",
         )
     if concurrent is not None:
         print_table(
             f"{CONCURRENT} downloads at once (gunicorn -w 2 --threads {THREADS}); aggregate MB/s = all bytes / "
-            "wall time;\nx sendfile: median of the rounds' ratios to the sendfile run of the same round",
+            "wall time;\nx sendfile: median of the rounds' ratios to the sendfile run of the same round"
+            "\nserver / curl CPU s/GB: median CPU seconds (user + system) of the gunicorn workers / of "
+            "the curls per GB (10**9 bytes) received in all",
             concurrent,
             "sendfile",
         )
@@ -1079,6 +1323,8 @@ def main() -> None:
         summary.append(f"{CONCURRENT} concurrent {verdict(concurrent_ratio, TARGET_CONCURRENT)}")
     if summary:
         print(f"  with the default settings ({default.name}): {'; '.join(summary)}")
+
+    print_cpu_limits(bench, configs, default, baseline, concurrent)
 
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end; {time.monotonic() - started:.0f} s in all")
     if bench.failures:
