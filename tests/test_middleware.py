@@ -328,7 +328,7 @@ def test_direct_file_body_is_the_servers_file_wrapper(games: Path) -> None:
     environ["wsgi.file_wrapper"] = FileWrapper
     body = middleware(environ, lambda status, headers, exc_info=None: None)
     assert type(body) is FileWrapper  # not wrapped again, so gunicorn can sendfile it
-    assert body.block_size == 65536
+    assert body.block_size == 262144  # chunk_size
     assert b"".join(body) == (games / "doom/doom.wad").read_bytes()
     body.close()
     assert body.file.closed
