@@ -315,6 +315,7 @@ def test_every_door_gives_the_same_settings(door: str, door_tree: Path) -> None:
         "stall_timeout": 12.5,
         "cold_range_limit": 1048576,
         "zero_copy": False,
+        "plan_cache_entries": 200_000,  # the default: no door sets it here
     }
 
 

@@ -68,6 +68,10 @@ class Settings:
     # learn CRC-32s the cache lacks; a range that needs more gets the whole archive (200).
     # 64 MiB: four times the CRC checkpoint interval, so an honest resume always fits.
     cold_range_limit: int = 64 * 1024 * 1024
+    # Entries (files and folders) of the folder plans kept per process for later requests
+    # (see planning.PlanCache); 0 keeps none. About 700 bytes each with their layout and
+    # what the cache's check keeps (measured: bench/plan_scale.py), so at most ~140 MB.
+    plan_cache_entries: int = 200_000
     # Stored file data goes from the page cache to the client's socket with sendfile where
     # the server allows it (gunicorn's sync and gthread workers without TLS: see zerocopy.py).
     zero_copy: bool = True
@@ -352,6 +356,7 @@ CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "crc_cache": _crc_cache,
     "stall_timeout": _seconds,
     "cold_range_limit": _bytes,
+    "plan_cache_entries": _int_in(0, 10**9),
     "zero_copy": _bool,
 }
 

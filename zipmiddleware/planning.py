@@ -9,9 +9,12 @@ import errno
 import fnmatch
 import logging
 import os
+import re
 import stat
 import threading
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,6 +42,22 @@ WALKS_AT_ONCE = 2
 # demands the very inode (device and inode number) that was found inside a root.
 ANYWHERE = (os.sep,)
 
+# A folder's plan is kept for later requests (see PlanCache) only if every folder, file and
+# symlink target it saw had a ctime older than the walk's start minus this margin. A change
+# made after the walk looked at something must move its ctime, or the cached plan would
+# never learn of it; but the kernel stamps times from a clock that ticks coarsely (a jiffy,
+# up to 10 ms, behind the clock read here), some file systems keep only whole seconds
+# (ext3, HFS+) or two (FAT), and a network file system stamps with its server's clock. So
+# a ctime within 3 s of the walk could be shared by a change made just after it ("racy
+# git"), and such a plan is not kept: 3 s covers FAT's 2 s plus a tick and a second of
+# clock skew. The cost is small: a folder changed in the last 3 s is walked once more.
+RACY_MARGIN_NS = 3_000_000_000
+
+# How a cached plan's folders are opened to be checked: by their real path, never through a
+# symlink (a folder replaced by one no longer matches), not for reading (O_PATH where there
+# is one: the check only stats).
+_CHECK_FOLDER = (getattr(os, "O_PATH", 0) or os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
 NOT_FOUND = "Not Found: this download does not exist."
 FORBIDDEN = "Forbidden: this download is not available."
 SERVER_ERROR = "Internal Server Error: this download cannot be served right now."
@@ -50,13 +69,18 @@ def dos_date_time(mtime: float) -> DateTime:
     return (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileSnapshot:
-    """A file as it was checked; reading it later must find the same file."""
+    """A file as it was checked; reading it later must find the same file.
 
-    path: str  # real path, inside a root
-    size: int
-    mtime: float
+    Lean, since a plan holds one per file and the plan cache keeps plans: the real path is
+    kept in two parts, a folder string shared by many files and the rest (for a walk, the very
+    string that is the file's relative path and most often its entry name); the size only in
+    ``identity``, the mtime only in nanoseconds (``mtime`` gives the float ``st_mtime`` gave).
+    """
+
+    folder: str  # a real folder, inside a root, ending with a separator
+    name: str  # the file's path from there (its name, or its path below the walked folder)
     # st_dev, st_ino, st_size, st_ctime_ns: the file's content as far as caches and ETags know.
     # The ctime, not the mtime: a rewrite that sets the mtime back (rsync --inplace --times,
     # cp -p over the file, touch -r) still moves the ctime, which nothing can set back.
@@ -66,8 +90,24 @@ class FileSnapshot:
 
     @classmethod
     def of(cls, path: str, st: os.stat_result) -> FileSnapshot:
+        cut = path.rfind(os.sep) + 1
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
-        return cls(path, st.st_size, st.st_mtime, identity, st.st_mtime_ns, st.st_nlink)
+        return cls(path[:cut], path[cut:], identity, st.st_mtime_ns, st.st_nlink)
+
+    @property
+    def size(self) -> int:
+        return self.identity[2]
+
+    @property
+    def path(self) -> str:
+        """The real path, inside a root."""
+        return self.folder + self.name
+
+    @property
+    def mtime(self) -> float:
+        """The mtime in seconds, the very float of ``os.stat_result.st_mtime``."""
+        seconds, nanoseconds = divmod(self.mtime_ns, 1_000_000_000)
+        return seconds + nanoseconds * 1e-9  # as CPython computes it from the timespec
 
     def same(self, st: os.stat_result) -> bool:
         """Whether ``st`` (a reopened file's) is this very file, unchanged since it was checked."""
@@ -101,7 +141,7 @@ def reopen(file: FileSnapshot) -> int:
     return opened.fd
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FilePlan:
     file: FileSnapshot
     download_name: str
@@ -111,7 +151,7 @@ class FilePlan:
     opened: int | None = field(default=None, compare=False, repr=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PlannedEntry:
     """One archive member: a checked file, or a source with an optional size."""
 
@@ -122,12 +162,13 @@ class PlannedEntry:
     size: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ZipPlan:
     entries: tuple[PlannedEntry, ...]
     download_name: str
     # What responses derive from the entries (layout, validators), computed once per plan:
-    # concurrent requests for the same folder share the plan, and so these too.
+    # concurrent requests for the same folder share the plan, later ones find it in the
+    # PlanCache while it is valid, and so these come along.
     derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
@@ -206,19 +247,286 @@ def refusal(exc: OSError, what: str) -> RefusedError:
     return RefusedError(500, SERVER_ERROR, f"{what} cannot be opened: {exc}")
 
 
+# -- the plan cache ------------------------------------------------------------------------
+
+# What a symlink led to when it was walked: (real path, device, inode, size, mtime_ns,
+# ctime_ns, mode) of what it resolved to inside a root, or (error class, errno) if it was
+# skipped (outside the roots, dangling, a loop, a device ...).
+LinkOutcome = tuple[Any, ...]
+
+
+def link_outcome(name: str, roots: tuple[str, ...], fd: int) -> LinkOutcome:
+    """Where the symlink ``name`` in the folder open on ``fd`` leads now, confined as a walk does."""
+    try:
+        opened = open_inside(name, roots, folder=None, dir_fd=fd)
+    except OSError as exc:
+        return _failure(exc)
+    os.close(opened.fd)
+    return _target(opened)
+
+
+def _target(opened: Opened) -> LinkOutcome:
+    st = opened.st
+    return (opened.real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
+
+
+def _failure(exc: OSError) -> LinkOutcome:
+    return (type(exc).__name__, exc.errno)
+
+
+class Folder:
+    """A folder as a walk listed it, and what a cached plan's check needs of it.
+
+    ``stamp`` is its (device, inode, mtime_ns, ctime_ns), read from its descriptor before it
+    was listed: adding, removing or renaming an entry moves the mtime. ``files`` are the files
+    found directly in it (not through a symlink), whose names start at ``cut`` in their
+    snapshots; ``links`` are its symlinks and what each led to.
+    """
+
+    __slots__ = ("real", "stamp", "cut", "files", "links")
+
+    def __init__(self, real: str, st: os.stat_result, cut: int = 0) -> None:
+        self.real = real
+        self.stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        self.cut = cut  # where a file's name starts in its FileSnapshot.name
+        self.files: list[FileSnapshot] = []
+        self.links: list[tuple[str, LinkOutcome]] = []
+
+    def unchanged(self, roots: tuple[str, ...]) -> bool:
+        """Whether this folder, its files and its symlinks are still as the walk found them.
+
+        Each is stat'ed again, the files relative to the folder's descriptor; no name is
+        judged again, since nothing was added, removed or renamed (the folder's mtime) and
+        every later read demands the very inode that was found (see :func:`reopen`). Only
+        symlinks are resolved and confined again: what one leads to may change while the link
+        and its folder do not.
+        """
+        try:
+            fd = os.open(self.real, _CHECK_FOLDER)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns) != self.stamp:
+                return False
+            cut, lstat = self.cut, os.lstat
+            for file in self.files:
+                st = lstat(file.name[cut:], dir_fd=fd)
+                dev, ino, size, ctime_ns = file.identity
+                if (
+                    st.st_ctime_ns != ctime_ns
+                    or st.st_mtime_ns != file.mtime_ns
+                    or st.st_ino != ino
+                    or st.st_size != size
+                    or st.st_dev != dev
+                ):
+                    return False
+            return all(link_outcome(name, roots, fd) == outcome for name, outcome in self.links)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+
+class FreshCheck:
+    """Runs a check for concurrent callers, sharing only a run that starts after they call.
+
+    A caller never takes the answer of a check already under way (it may have looked at a
+    file before the caller's change was made): it waits for the next run, which all callers
+    that came meanwhile share. Sixteen requests at once cost two checks, not sixteen.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards _next
+        self._running = threading.Lock()  # one run at a time
+        self._next: _Call[bool] | None = None
+
+    def run(self, check: Callable[[], bool]) -> bool:
+        with self._lock:
+            call = self._next
+            leader = call is None
+            if call is None:
+                call = self._next = _Call()
+        if leader:
+            with self._running:
+                with self._lock:
+                    self._next = None  # whoever comes from now on waits for the next run
+                try:
+                    call.result = check()
+                except BaseException as exc:
+                    call.error = exc
+                finally:
+                    call.done.set()
+        else:
+            call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return bool(call.result)
+
+
+class CachedPlan:
+    """A folder's plan, the folders its walk listed (the top first), and its size in entries."""
+
+    __slots__ = ("plan", "folders", "cost", "checks")
+
+    def __init__(self, plan: Plan, folders: tuple[Folder, ...], cost: int) -> None:
+        self.plan, self.folders, self.cost = plan, folders, cost
+        self.checks = FreshCheck()
+
+    def still_valid(self, top: os.stat_result, roots: tuple[str, ...]) -> bool:
+        """Whether a walk now would find what this plan's walk found (``top``: the folder's
+        fstat, just taken by the request)."""
+        if (top.st_dev, top.st_ino, top.st_mtime_ns, top.st_ctime_ns) != self.folders[0].stamp:
+            return False
+        return self.checks.run(lambda: all(folder.unchanged(roots) for folder in self.folders))
+
+
+class PlanCache:
+    """Plans of folders by key, least recently used first out, at most ``limit`` entries in all
+    (a plan costs one entry per file and per folder it lists); ``limit`` 0 keeps nothing.
+
+    Per process: a child made by ``fork`` (a gunicorn worker) starts empty, with new locks,
+    since a plan made by its parent may have judged readability as another user.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._reset()
+        _caches.add(self)
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._plans: OrderedDict[Hashable, CachedPlan] = OrderedDict()
+        self.size = 0
+
+    def _here(self) -> None:
+        if self._pid != os.getpid():  # forked without Python's fork hooks (see _after_fork)
+            self._reset()
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def get(self, key: Hashable) -> CachedPlan | None:
+        if not self.limit:
+            return None
+        self._here()
+        with self._lock:
+            cached = self._plans.get(key)
+            if cached is not None:
+                self._plans.move_to_end(key)
+            return cached
+
+    def put(self, key: Hashable, cached: CachedPlan) -> None:
+        if cached.cost > self.limit:
+            return
+        self._here()
+        with self._lock:
+            old = self._plans.pop(key, None)
+            if old is not None:
+                self.size -= old.cost
+            self._plans[key] = cached
+            self.size += cached.cost
+            while self.size > self.limit:
+                _, evicted = self._plans.popitem(last=False)
+                self.size -= evicted.cost
+
+    def drop(self, key: Hashable, cached: CachedPlan) -> None:
+        """Forget ``cached`` (found stale), unless another plan has replaced it meanwhile."""
+        self._here()
+        with self._lock:
+            if self._plans.get(key) is cached:
+                del self._plans[key]
+                self.size -= cached.cost
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+            self.size = 0
+
+
+_caches: weakref.WeakSet[PlanCache] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for cache in list(_caches):
+        cache._reset()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+# -- entry names and dates of a walk -------------------------------------------------------
+
+
+def _plain(leaf: str) -> bool:
+    """Whether ``safe_arcname`` leaves this file name as it is, after a folder."""
+    plain = leaf.isascii() and leaf.isprintable() and leaf == leaf.strip() and "\\" not in leaf
+    return plain and leaf not in (".", "..")
+
+
+def _safe_folder(folder: str) -> str | None:
+    """The safe form of a folder's relative path, or None if its names must be made safe
+    whole (a name that is not UTF-8 is decoded with the rest of its path)."""
+    try:
+        folder.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return safe_arcname(folder)
+
+
+def arcnames(rels: Iterable[str]) -> list[str]:
+    """``NameTable().add(safe_arcname(rel))`` for each relative path in turn, computed faster.
+
+    Most names are plain ASCII in a folder already made safe, and most folders have no clash
+    (the same name ignoring case, a file named as a folder): each folder is made safe once,
+    and the name table is used only if some clash needs renaming.
+    """
+    folders: dict[str, str | None] = {}
+    names: list[str] = []
+    for rel in rels:
+        folder, _, leaf = rel.rpartition("/")
+        safe = folders.get(folder, "")
+        if folder not in folders:
+            safe = folders[folder] = _safe_folder(folder)
+        if safe is not None and _plain(leaf) and (safe or leaf[1:2] != ":"):  # "C:" only leads
+            names.append(rel if safe == folder else f"{safe}/{leaf}" if safe else leaf)
+        else:
+            names.append(safe_arcname(rel))
+    files = {name if name.isascii() and name.islower() else name.casefold() for name in names}
+    if len(files) == len(names):
+        dirs: set[str] = set()
+        for folder in {name.rpartition("/")[0] for name in names}:
+            parts = folder.casefold().split("/") if folder else []
+            dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+        if files.isdisjoint(dirs):
+            return names
+    table = NameTable()
+    return [table.add(name) for name in names]
+
+
 class Planner:
     """Checks targets against one middleware's settings.
 
     Every file and folder is opened first and judged by where its descriptor really lies
     (:func:`.confinement.open_inside`), never by a path checked beforehand.
+
+    A folder's plan is kept in :attr:`cache` and used again, for as long as a cheap check
+    finds the folder unchanged (see :class:`CachedPlan`); the resolver still runs for every
+    request, and the folder it names is still opened and confined each time.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.roots = settings.roots
         self.exclude = frozenset(name.casefold() for name in settings.exclude)
         self.ignore = tuple(pattern.casefold() for pattern in settings.ignore)
+        # One expression for every pattern: a name is matched once, not once per pattern.
+        pattern = "|".join(f"(?:{fnmatch.translate(glob)})" for glob in self.ignore)
+        self._ignored = re.compile(pattern).match if self.ignore else None
         self.shared: SharedWork[Plan] = SharedWork()
         self.walks = threading.BoundedSemaphore(WALKS_AT_ONCE)
+        self.cache = PlanCache(settings.plan_cache_entries)
 
     # -- entry point -------------------------------------------------------------
 
@@ -233,16 +541,34 @@ class Planner:
         only_file = isinstance(target, FileTarget)
         mimetype = target.mimetype if isinstance(target, FileTarget) else None
         name = target.download_name or os.path.basename(path.rstrip(os.sep))
+        started = time.time_ns()  # before anything is looked at: see RACY_MARGIN_NS
         opened = self.open(path, roots, folder=False if only_file else None)
         if not stat.S_ISDIR(opened.st.st_mode):  # a file: nothing to share; the response reads it
             return FilePlan(FileSnapshot.of(opened.real, opened.st), display_name(name), mimetype, opened.fd)
         try:
             # Keyed by what was opened, not by how its path is spelled ("x", "./x", "x/."):
-            # concurrent requests for one folder share one walk whatever they asked for.
-            key = (opened.st.st_dev, opened.st.st_ino, target.download_name, roots)
-            return self.shared.run(key, lambda: self.plan_directory(opened, target.download_name, roots))
+            # concurrent requests for one folder share one walk whatever they asked for, and
+            # later ones its cached plan. With everything else that decides the plan (exclude
+            # and ignore are this planner's own, as is its cache).
+            key = (opened.st.st_dev, opened.st.st_ino, opened.real, target.download_name, roots)
+            cached = self.cached(key, opened.st, roots)
+            if cached is not None:
+                return cached
+            return self.shared.run(
+                key, lambda: self.plan_directory(opened, target.download_name, roots, key, started)
+            )
         finally:
             os.close(opened.fd)
+
+    def cached(self, key: Hashable, top: os.stat_result, roots: tuple[str, ...]) -> Plan | None:
+        """The cached plan of the folder ``key`` names if it is still valid, else None."""
+        cached = self.cache.get(key)
+        if cached is None:
+            return None
+        if cached.still_valid(top, roots):
+            return cached.plan
+        self.cache.drop(key, cached)
+        return None
 
     @staticmethod
     def absolute(path: StrPath, roots: tuple[str, ...]) -> str:
@@ -296,23 +622,45 @@ class Planner:
 
     # -- folders ---------------------------------------------------------------------
 
-    def plan_directory(self, top: Opened, download_name: str | None, roots: tuple[str, ...]) -> Plan:
+    def plan_directory(
+        self,
+        top: Opened,
+        download_name: str | None,
+        roots: tuple[str, ...],
+        key: Hashable | None = None,
+        started: int | None = None,
+    ) -> Plan:
+        """Walk the open folder ``top`` and plan it; with a ``key``, keep the plan in the cache
+        if nothing it saw changed within RACY_MARGIN_NS of ``started`` (time.time_ns())."""
         with self.walks:  # a few at a time: each holds a whole folder's list in memory
-            found = self.walk(top, roots)
+            walk = self.walk(top, roots)
+        found = walk.found
         if not found:
             raise RefusedError(404, NOT_FOUND, f"{top.real!r} holds no file to download")
+        plan: Plan
         if len(found) == 1:  # one file: send it as it is, under its own name
             rel, file = found[0]
-            return FilePlan(file, display_name(os.path.basename(rel)))
-        names = NameTable()
-        entries = tuple(
-            PlannedEntry(names.add(safe_arcname(rel)), dos_date_time(file.mtime), file=file, size=file.size)
-            for rel, file in found
-        )
-        return ZipPlan(entries, download_name or display_name(os.path.basename(top.real)) + ".zip")
+            plan = FilePlan(file, display_name(os.path.basename(rel)))
+        else:
+            dates: dict[int, DateTime] = {}  # one tuple per second, shared by the entries
+            entries = []
+            for arcname, (_, file) in zip(arcnames([rel for rel, _ in found]), found, strict=True):
+                second = int(min(max(file.mtime, DOS_MIN), DOS_MAX))
+                date_time = dates.get(second)
+                if date_time is None:
+                    date_time = dates[second] = dos_date_time(second)
+                entries.append(PlannedEntry(arcname, date_time, file, None, file.size))
+            name = download_name or display_name(os.path.basename(top.real)) + ".zip"
+            plan = ZipPlan(tuple(entries), name)
+        fresh = started is not None and walk.newest >= started - RACY_MARGIN_NS
+        if key is not None and self.cache.limit and walk.cacheable and not fresh:
+            folders = tuple(walk.folders)
+            self.cache.put(key, CachedPlan(plan, folders, len(found) + len(folders)))
+        return plan
 
-    def walk(self, top: Opened, roots: tuple[str, ...]) -> list[tuple[str, FileSnapshot]]:
-        """Files under the open folder ``top`` sorted by relative path, after exclude/ignore.
+    def walk(self, top: Opened, roots: tuple[str, ...]) -> _Walk:
+        """Files under the open folder ``top`` sorted by relative path, after exclude/ignore
+        (``found``), and what was listed to find them (``folders``).
 
         Folders are listed through their descriptors. An entry that is no symlink is judged
         by its ``fstatat`` relative to that descriptor (it lies in a folder already proven to
@@ -323,12 +671,14 @@ class Planner:
         and logged; only an unreadable file or an unreadable ``top`` refuses the download.
         """
         walk = _Walk(self, roots, top)
-        folder: tuple[int, str, str] | None = (top.fd, top.real, "")
+        folder: tuple[int, str, str, os.stat_result] | None = (top.fd, top.real, "", top.st)
         while True:
-            if folder is not None:
-                fd, real, prefix = folder
+            if folder is None:
+                walk.cacheable = False  # a subfolder skipped for a reason no check would see
+            else:
+                fd, real, prefix, st = folder
                 try:
-                    walk.list(fd, real, prefix)
+                    walk.list(fd, real, prefix, st)
                 finally:
                     if fd != top.fd:
                         os.close(fd)
@@ -337,13 +687,14 @@ class Planner:
             real, st, prefix = walk.pending.pop()
             folder = self.reopen_folder(real, st, roots, prefix)
         walk.found.sort(key=lambda item: item[0])
-        return walk.found
+        return walk
 
     @staticmethod
     def reopen_folder(
         real: str, st: os.stat_result, roots: tuple[str, ...], prefix: str
-    ) -> tuple[int, str, str] | None:
-        """A queued subfolder's descriptor and real path, if it is still the folder that was found."""
+    ) -> tuple[int, str, str, os.stat_result] | None:
+        """A queued subfolder's descriptor, real path, prefix and fstat, if it is still the
+        folder that was found."""
         try:
             opened = open_inside(real, roots, folder=True)
         except OSError as exc:
@@ -353,23 +704,33 @@ class Planner:
             os.close(opened.fd)
             logger.warning("skipping folder %r: it was replaced during the walk", prefix)
             return None
-        return opened.fd, opened.real, prefix
+        return opened.fd, opened.real, prefix, opened.st
 
     def ignored(self, name: str) -> bool:
-        folded = name.casefold()
-        return any(fnmatch.fnmatchcase(folded, pattern) for pattern in self.ignore)
+        return self._ignored is not None and self._ignored(name.casefold()) is not None
 
 
 class _Walk:
-    """What one walk has found so far, and the judging of one folder's entries."""
+    """What one walk has found so far, and the judging of one folder's entries.
+
+    Besides the files, it keeps what a cached plan's check needs (``folders``), the newest
+    ctime it saw (``newest``), and whether anything was skipped for a reason that a check
+    would not see again (``cacheable`` False: such a plan is not kept).
+    """
 
     def __init__(self, planner: Planner, roots: tuple[str, ...], top: Opened) -> None:
         self.planner, self.roots, self.top = planner, roots, top
         self.found: list[tuple[str, FileSnapshot]] = []
         self.seen = {(top.st.st_dev, top.st.st_ino)}
         self.pending: list[tuple[str, os.stat_result, str]] = []  # (real path, its stat, prefix)
+        self.folders: list[Folder] = []
+        self.folder = Folder(top.real, top.st)  # the one being listed
+        self.newest = 0
+        self.cacheable = True
+        self.ints: dict[int, int] = {}  # one int object per value, shared by the snapshots
+        self.base = os.path.join(top.real, "")
 
-    def list(self, fd: int, real: str, prefix: str) -> None:
+    def list(self, fd: int, real: str, prefix: str, st: os.stat_result) -> None:
         try:
             with os.scandir(fd) as scan:
                 children = list(scan)
@@ -377,24 +738,49 @@ class _Walk:
             if fd == self.top.fd:
                 raise refusal(exc, f"folder {self.top.real!r}") from None
             logger.warning("skipping folder %r: it cannot be listed (%s)", prefix, exc)
+            self.cacheable = False
             return
+        base = os.path.join(real, "")
+        # Reached from the top without a symlink: its files' snapshots keep the top's path and
+        # their relative paths (the strings that are also their entry names), not their names.
+        plain = base == self.base + prefix
+        self.folder = Folder(real, st, len(prefix) if plain else 0)
+        self.folders.append(self.folder)
+        self.newest = max(self.newest, st.st_ctime_ns)
         for child in children:
             try:
-                self.visit(child, fd, real, prefix)
+                self.visit(child, fd, base, prefix, plain)
             except OSError as exc:
                 if isinstance(exc, PermissionError) and _is_file(child):
                     raise self.unreadable(prefix + child.name) from None
+                if not _is_link(child):  # a symlink's failure is noted in ``links``, and checked
+                    self.cacheable = False
                 _log_skipped(prefix + child.name, exc)
 
-    def visit(self, child: os.DirEntry[str], fd: int, folder: str, prefix: str) -> None:
-        """Queue a subfolder, record a file, or skip and log one folder entry (OSError: skip it)."""
-        name, rel = child.name, prefix + child.name
-        if child.is_symlink():  # follow it, and judge by where it leads
+    def follow(self, name: str, fd: int) -> Opened:
+        """Open what the symlink ``name`` leads to inside a root, noting the outcome."""
+        try:
             opened = open_inside(name, self.roots, folder=None, dir_fd=fd)
-            os.close(opened.fd)
+        except OSError as exc:
+            self.folder.links.append((name, _failure(exc)))
+            raise
+        os.close(opened.fd)
+        self.folder.links.append((name, _target(opened)))
+        self.newest = max(self.newest, opened.st.st_ctime_ns)
+        return opened
+
+    def visit(self, child: os.DirEntry[str], fd: int, base: str, prefix: str, plain: bool) -> None:
+        """Queue a subfolder, record a file, or skip and log one folder entry (OSError: skip it).
+
+        ``base`` is the real path of the folder listed on ``fd``, ending with a separator;
+        ``prefix`` its path from the top; ``plain`` whether ``base`` is the top's plus ``prefix``."""
+        name = child.name
+        rel = prefix + name
+        if child.is_symlink():  # follow it, and judge by where it leads
+            opened = self.follow(name, fd)
             st, real = opened.st, opened.real
-        else:  # fstatat: no symlink is followed, so it lies in ``folder``, inside a root
-            st, real = child.stat(follow_symlinks=False), os.path.join(folder, name)
+        else:  # fstatat: no symlink is followed, so it lies in the folder, inside a root
+            st, real = child.stat(follow_symlinks=False), None
         if stat.S_ISDIR(st.st_mode):
             if name.casefold() in self.planner.exclude:
                 return
@@ -402,17 +788,34 @@ class _Walk:
                 logger.warning("skipping folder %r: already walked (symlink loop?)", rel)
                 return
             self.seen.add((st.st_dev, st.st_ino))
-            self.pending.append((real, st, rel + "/"))
+            self.pending.append((base + name if real is None else real, st, rel + "/"))
         elif not stat.S_ISREG(st.st_mode):
             logger.info("skipping %r: not a regular file or folder", rel)
         elif not self.planner.ignored(name):
-            # Readable now, as a single file's open proves it (a symlink was opened above).
-            readable = child.is_symlink() or os.access(
-                name, os.R_OK, dir_fd=fd, effective_ids=True, follow_symlinks=False
-            )
-            if not readable:
+            if real is not None:  # through a symlink, opened above: readable
+                file = FileSnapshot.of(real, st)
+            elif os.access(name, os.R_OK, dir_fd=fd, effective_ids=True, follow_symlinks=False):
+                # Shared by many files: the folder's path (the top's, where it is plain), and
+                # one int object per value of the device, size and times (files written in bulk
+                # share their times: a clock tick stamps many).
+                ints = self.ints
+                ctime_ns = ints.setdefault(st.st_ctime_ns, st.st_ctime_ns)
+                identity = (
+                    ints.setdefault(st.st_dev, st.st_dev),
+                    st.st_ino,
+                    ints.setdefault(st.st_size, st.st_size),
+                    ctime_ns,
+                )
+                folder, rest = (self.base, rel) if plain else (base, name)
+                file = FileSnapshot(
+                    folder, rest, identity, ints.setdefault(st.st_mtime_ns, st.st_mtime_ns), st.st_nlink
+                )
+                self.folder.files.append(file)
+            else:  # readable now, as a single file's open proves it
                 raise self.unreadable(rel)
-            self.found.append((rel, FileSnapshot.of(real, st)))
+            self.found.append((rel, file))
+            if file.identity[3] > self.newest:
+                self.newest = file.identity[3]
 
     @staticmethod
     def unreadable(rel: str) -> RefusedError:
@@ -424,6 +827,13 @@ class _Walk:
 def _is_file(child: os.DirEntry[str]) -> bool:
     try:
         return child.is_file()
+    except OSError:
+        return False
+
+
+def _is_link(child: os.DirEntry[str]) -> bool:
+    try:
+        return child.is_symlink()
     except OSError:
         return False
 
