@@ -34,6 +34,7 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import struct
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -418,6 +419,79 @@ def archive_validators(
     return "zip-" + digest.hexdigest()[:40], newest
 
 
+def central_record(info: Any) -> bytes:
+    """The central directory record of a written entry, as zipstream-new writes it (the body
+    of the loop over ``filelist`` in its ``ZipFile.__close``), so that a range packs only the
+    records it sends. Stored entries only; the tests compare whole archives with zipstream-new's."""
+    year, month, day, hour, minute, second = info.date_time
+    dosdate = (year - 1980) << 9 | month << 5 | day
+    dostime = hour << 11 | minute << 5 | (second // 2)
+    extra: list[int] = []
+    file_size, compress_size, header_offset = info.file_size, info.compress_size, info.header_offset
+    if file_size > ZIP64_LIMIT or compress_size > ZIP64_LIMIT:
+        extra += [file_size, compress_size]
+        file_size = compress_size = 0xFFFFFFFF
+    if header_offset > ZIP64_LIMIT:
+        extra.append(header_offset)
+        header_offset = 0xFFFFFFFF
+    extra_data, min_version = info.extra, 0
+    if extra:
+        extra_data = struct.pack("<HH" + "Q" * len(extra), 1, 8 * len(extra), *extra) + extra_data
+        min_version = zipfile.ZIP64_VERSION
+    filename, flag_bits = info._encodeFilenameFlags()
+    record = struct.pack(
+        zipstream.structCentralDir,
+        zipstream.stringCentralDir,
+        max(min_version, info.create_version),
+        info.create_system,
+        max(min_version, info.extract_version),
+        info.reserved,
+        flag_bits,
+        info.compress_type,
+        dostime,
+        dosdate,
+        info.CRC,
+        compress_size,
+        file_size,
+        len(filename),
+        len(extra_data),
+        len(info.comment),
+        0,
+        info.internal_attr,
+        info.external_attr,
+        header_offset,
+    )
+    return bytes(record + filename + extra_data + info.comment)
+
+
+def end_records(layout: Layout) -> bytes:
+    """The end of central directory record, after the ZIP64 end record and locator where the
+    layout has them, as zipstream-new writes them (no archive comment)."""
+    count, size, offset = len(layout.entries), layout.directory_size, layout.directory_offset
+    records = b""
+    if layout.zip64_end:
+        records += struct.pack(
+            zipstream.structEndArchive64,
+            zipstream.stringEndArchive64,
+            44,
+            45,
+            45,
+            0,
+            0,
+            count,
+            count,
+            size,
+            offset,
+        )
+        records += struct.pack(
+            zipstream.structEndArchive64Locator, zipstream.stringEndArchive64Locator, 0, offset + size, 1
+        )
+        count, size, offset = min(count, 0xFFFF), min(size, 0xFFFFFFFF), min(offset, 0xFFFFFFFF)
+    return records + struct.pack(
+        zipstream.structEndArchive, zipstream.stringEndArchive, 0, 0, count, count, size, offset, 0
+    )
+
+
 class ZipRange:
     """Bytes ``[start, stop)`` of the archive a :class:`Layout` describes: a WSGI body.
 
@@ -494,15 +568,22 @@ class ZipRange:
     @functools.cached_property
     def _needed(self) -> list[int]:
         """The entries whose descriptor or central record lies in the range (worked out when
-        first asked: never for a HEAD, whose body is not iterated)."""
+        first asked: never for a HEAD, whose body is not iterated). Both kinds lie in order,
+        so each is one run of entries, found by bisection."""
         layout, start, stop = self.layout, self.start, self.stop
-        needed = []
-        for index, descriptor in enumerate(layout.descriptor_offsets):
-            record_start, record_stop = layout.record_span(index)
-            in_descriptor = descriptor < stop and layout.entry_end(index) > start
-            if in_descriptor or (record_start < stop and record_stop > start):
-                needed.append(index)
-        return needed
+        # Entry i's descriptor runs from descriptor_offsets[i] to offsets[i + 1] (or the directory).
+        first = max(bisect.bisect_right(layout.offsets, start) - 1, 0)
+        descriptors = range(first, bisect.bisect_left(layout.descriptor_offsets, stop))
+        if start >= layout.directory_offset:
+            descriptors = range(0)
+        # Entry i's record runs from records[i] to records[i + 1] (or the directory's end).
+        low, high = start - layout.directory_offset, stop - layout.directory_offset
+        records = range(
+            max(bisect.bisect_right(layout.records, low) - 1, 0), bisect.bisect_left(layout.records, high)
+        )
+        if low >= layout.directory_size or high <= 0:
+            records = range(0)
+        return sorted(set(descriptors).union(records))
 
     def _read_span(self, index: int) -> tuple[int, int] | None:
         """The part ``[low, high)`` of entry ``index``'s data that the range sends, if any."""
@@ -641,29 +722,23 @@ class ZipRange:
             self._flush(every=FLUSH_EVERY)
 
     def _directory(self) -> Iterator[bytes]:
+        """The central records in the range, then the end records if they are in it."""
         layout = self.layout
         for index in self._needed:
             self._crc(index)  # compute what the cache lacked, before the first record
         crcs = self._look_up()
-        archive = zipstream.ZipFile(
-            Output(layout.directory_offset), mode="w", compression=zipfile.ZIP_STORED, allowZip64=layout.zip64
-        )
-        # Records outside the range are not sent, so a CRC-32 the range does not need may be 0.
-        archive.filelist = (
-            _written(entry, layout.offsets[index], layout.zip64, crcs.get(index, 0))[0]
-            for index, entry in enumerate(layout.entries)
-        )
-        position = layout.directory_offset
-        records = iter(archive)
-        try:
-            for piece in records:
-                yield self._window(position, piece)
-                position += len(piece)
-                if position >= self.stop:
-                    break
-        finally:
-            records.close()
-            archive.fp = None
+        first = max(bisect.bisect_right(layout.records, self.start - layout.directory_offset) - 1, 0)
+        for index in range(first, len(layout.entries)):
+            record_start, record_stop = layout.record_span(index)
+            if record_start >= self.stop:
+                return
+            if record_stop <= self.start:  # the range starts after the records
+                break
+            info = _written(layout.entries[index], layout.offsets[index], layout.zip64, crcs[index])[0]
+            yield self._window(record_start, central_record(info))
+        end = layout.directory_offset + layout.directory_size
+        if self.stop > end:
+            yield self._window(end, end_records(layout))
 
     # -- CRC-32s -----------------------------------------------------------------------
 
