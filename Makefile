@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 # The demo's port: `make demo PORT=8080` (or PORT in the environment) when 8000 is taken.
 PORT   ?= 8000
 
-.PHONY: venv demo test lint bench bench-engine bench-deflate bench-throughput bench-ranges bench-cold clean
+.PHONY: venv demo test lint bench bench-engine bench-deflate bench-plans bench-throughput bench-ranges bench-cold clean
 
 venv: $(STAMP)
 
@@ -28,13 +28,16 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # The engine's figures against the targets (README, Benchmarks): a few minutes in all.
-bench: bench-engine bench-deflate
+bench: bench-engine bench-deflate bench-plans
 
 bench-engine: $(STAMP)
 	$(BIN)/python bench/engine_speed.py
 
 bench-deflate: $(STAMP)
 	$(BIN)/python bench/deflate_speed.py
+
+bench-plans: $(STAMP)
+	$(BIN)/python bench/plan_scale.py
 
 bench-throughput: $(STAMP)
 	$(BIN)/python bench/zip_throughput.py
