@@ -40,7 +40,8 @@ def display_name(name: str) -> str:
 
 
 def safe_arcname(name: str) -> str:
-    """A relative, forward-slash entry name with no way out of its folder."""
+    """A relative, forward-slash entry name with no way out of its folder (empty if nothing
+    is left of it: ``..``, ``C:``)."""
     name = display_name(name).replace("\\", "/")
     parts: list[str] = []
     for part in name.split("/"):

@@ -492,8 +492,8 @@ def arcnames(rels: Iterable[str]) -> list[str]:
             safe = folders[folder] = _safe_folder(folder)
         if safe is not None and _plain(leaf) and (safe or leaf[1:2] != ":"):  # "C:" only leads
             names.append(rel if safe == folder else f"{safe}/{leaf}" if safe else leaf)
-        else:
-            names.append(safe_arcname(rel))
+        else:  # a file found in a folder has a name: one that was only a drive ("C:") is "_"
+            names.append(safe_arcname(rel) or "_")
     files = {name if name.isascii() and name.islower() else name.casefold() for name in names}
     if len(files) == len(names):
         dirs: set[str] = set()

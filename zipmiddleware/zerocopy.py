@@ -170,7 +170,7 @@ def send_part(
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_SEQUENTIAL)
     reader: CrcReader | None = None
-    if running is not None and ahead:
+    if running is not None and ahead and stop - start >= READ_AHEAD:  # else not worth a thread
         reader = CrcReader(fd, name, file, start, stop, running)
         running = None  # the reader computes it
     buffer = memoryview(bytearray(CRC_BLOCK)) if running is not None else None

@@ -810,7 +810,9 @@ class ZipRange:
         once this ends, so nothing may look at it meanwhile)."""
         entry = self.layout.entries[index]
         assert entry.file is not None
-        if self.zero_copy is not None:
+        # Data shorter than a chunk goes the ordinary way, merged with the headers around it: a
+        # direct send would cost more (a write of the headers before it, a sendfile) than it saves.
+        if self.zero_copy is not None and high - low >= self.chunk_size:
             sender, file, size = self.zero_copy, entry.file, self.chunk_size
             yield from send_file(sender, entry.arcname, file, low, high, running, size, ahead)
             return
