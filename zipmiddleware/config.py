@@ -49,8 +49,8 @@ class Settings:
     ignore: tuple[str, ...] = ()
     # 256 KiB: bytes per read where data goes through the server, and the least size of a
     # body chunk. Measured through gunicorn (bench/engine_speed.py), 256 KiB sends a stored
-    # ZIP the ordinary way 1.4x as fast as 64 KiB and as fast as 1 MiB, at a quarter of the
-    # latter's memory per download; with zero_copy the file data does not depend on it.
+    # ZIP the ordinary way 1.15x to 1.4x as fast as 64 KiB and about as fast as 1 MiB, at a
+    # quarter of the latter's memory per download; zero-copy file data does not depend on it.
     chunk_size: int = 262144
     # Stored (0) by default: game and media files are already compressed, and
     # deflate runs at ~35 MB/s, far below disk and network speed.
