@@ -142,15 +142,18 @@ class FileRange:
         self.file, self.checked = file, checked
         self.start, self.stop, self.chunk_size = start, stop, chunk_size
         self.zero_copy = zero_copy
-        if zero_copy is not None:
-            zero_copy.length = stop - start
 
     def __iter__(self) -> Iterator[bytes]:
         if self.zero_copy is not None:
-            sender, fd, checked = self.zero_copy, self.file.fileno(), self.checked
+            sender, fd, checked, length = (
+                self.zero_copy,
+                self.file.fileno(),
+                self.checked,
+                self.stop - self.start,
+            )
             part = send_part(sender, fd, checked.path, checked, self.start, self.stop, None, self.chunk_size)
             try:
-                yield from merged(sender.counted(part), self.chunk_size, self.stop - self.start)
+                yield from merged(sender.counted(part, length), self.chunk_size, length)
             except StreamError as exc:
                 logger.error("download aborted: %s", exc)
                 raise

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .checksums import RunningCrc
+from .connection import client_socket
 from .errors import StreamError
 from .planning import FileSnapshot
 from .types import WSGIEnvironment
@@ -59,11 +60,13 @@ class ZeroCopy:
     def __init__(self, sock: socket.socket, response: Any) -> None:
         self.sock = sock
         self.response = response  # gunicorn.http.wsgi.Response
-        self.length: int | None = None  # the body's length, set by the body
+        self.length: int | None = None  # the length of the body being iterated (see counted)
         self.produced = 0  # what the body produced so far: yielded, or sent here
 
-    def counted(self, pieces: Iterator[bytes | int]) -> Iterator[bytes | int]:
-        """``pieces`` (a body's, before they are merged into chunks), counted as produced."""
+    def counted(self, pieces: Iterator[bytes | int], length: int) -> Iterator[bytes | int]:
+        """``pieces`` of a body of ``length`` bytes (before they are merged into chunks),
+        counted as produced: the body this sender serves is the one iterated."""
+        self.length = length
         for piece in pieces:
             self.produced += piece if isinstance(piece, int) else len(piece)
             yield piece
@@ -73,16 +76,16 @@ class ZeroCopy:
         """A sender for this request if the server is one whose writes we can follow, else None."""
         if not hasattr(os, "sendfile"):
             return None
-        sock = environ.get("gunicorn.socket")
+        sock = client_socket(environ)
         response = getattr(start_response, "__self__", None)
         # Exact types: a subclass (an SSL socket, a green socket, another response class)
-        # may write differently.
-        if not isinstance(sock, socket.socket) or type(sock) is not socket.socket:  # noqa: E721
+        # may write differently; and the socket must be the one the server writes to.
+        if sock is None or type(sock) is not socket.socket:
             return None
         client: socket.socket = sock
-        if type(response).__name__ != "Response":
+        if getattr(response, "sock", None) is not client:
             return None
-        if type(response).__module__ != "gunicorn.http.wsgi" or getattr(response, "sock", None) is not client:
+        if (type(response).__module__, type(response).__name__) != ("gunicorn.http.wsgi", "Response"):
             return None
         cfg = getattr(response, "cfg", None)
         if cfg is None or getattr(cfg, "is_ssl", True) or getattr(cfg, "sendfile", None) is False:

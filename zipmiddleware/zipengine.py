@@ -187,16 +187,14 @@ def merged(pieces: Iterable[bytes | int], chunk_size: int, length: int | None = 
     buffer = bytearray()
     sent = 0
     for piece in pieces:
-        if isinstance(piece, int):
+        if isinstance(piece, int):  # out directly: what is buffered goes first
             if buffer:
                 sent += len(buffer)
-                if length is not None and sent > length:
-                    raise StreamError(f"archive longer than its promised {length} bytes")
+                _within(sent, length)
                 yield bytes(buffer)
                 buffer.clear()
             sent += piece
-            if length is not None and sent > length:
-                raise StreamError(f"archive longer than its promised {length} bytes")
+            _within(sent, length)
             continue
         if buffer:
             buffer += piece
@@ -210,16 +208,20 @@ def merged(pieces: Iterable[bytes | int], chunk_size: int, length: int | None = 
             buffer += piece
             continue
         sent += len(chunk)
-        if length is not None and sent > length:
-            raise StreamError(f"archive longer than its promised {length} bytes")
+        _within(sent, length)
         yield chunk
     if buffer:
         sent += len(buffer)
-        if length is not None and sent > length:
-            raise StreamError(f"archive longer than its promised {length} bytes")
+        _within(sent, length)
         yield bytes(buffer)
     if length is not None and sent != length:
         raise StreamError(f"archive of {sent} bytes, not its promised {length}")
+
+
+def _within(sent: int, length: int | None) -> None:
+    """Nothing past a promised length goes out: :class:`StreamError` before it would."""
+    if length is not None and sent > length:
+        raise StreamError(f"archive longer than its promised {length} bytes")
 
 
 class ZipStream:
@@ -532,8 +534,6 @@ class ZipRange:
         self.present = present
         # Sends file data with sendfile where it can (see zerocopy.py); None: all through the server.
         self.zero_copy = zero_copy
-        if zero_copy is not None:
-            zero_copy.length = stop - start
         # Admitted by cold_work.reserve(): released once the cold work is done (or at close).
         self.reserved = False
         self._cold_pending: set[int] = set()  # entries whose CRC-32 needs reading without sending
@@ -549,8 +549,9 @@ class ZipRange:
     def __iter__(self) -> Iterator[bytes]:
         if self._output is None:
             self._pieces = self._generate()
-            pieces = self._pieces if self.zero_copy is None else self.zero_copy.counted(self._pieces)
-            self._output = merged(pieces, self.chunk_size, self.stop - self.start)
+            length = self.stop - self.start
+            pieces = self._pieces if self.zero_copy is None else self.zero_copy.counted(self._pieces, length)
+            self._output = merged(pieces, self.chunk_size, length)
         return self._output
 
     def close(self) -> None:
@@ -813,8 +814,13 @@ class ZipRange:
         # Data shorter than a chunk goes the ordinary way, merged with the headers around it: a
         # direct send would cost more (a write of the headers before it, a sendfile) than it saves.
         if self.zero_copy is not None and high - low >= self.chunk_size:
-            sender, file, size = self.zero_copy, entry.file, self.chunk_size
-            yield from send_file(sender, entry.arcname, file, low, high, running, size, ahead)
+            fd = reopened(entry.arcname, entry.file)
+            try:
+                yield from send_part(
+                    self.zero_copy, fd, entry.arcname, entry.file, low, high, running, self.chunk_size, ahead
+                )
+            finally:
+                os.close(fd)
             return
         for piece in read_file(entry.arcname, entry.file, self.chunk_size, low, high):
             if running is not None:
@@ -850,6 +856,14 @@ class ZipRange:
 # -- readers -----------------------------------------------------------------------------
 
 
+def reopened(arcname: str, file: FileSnapshot) -> int:
+    """The checked file opened again for reading (see :func:`.planning.reopen`), or :class:`StreamError`."""
+    try:
+        return reopen(file)
+    except OSError as exc:
+        raise StreamError(f"{arcname!r}: cannot be opened any more: {exc}") from exc
+
+
 def read_file(
     arcname: str, file: FileSnapshot, chunk_size: int, start: int = 0, stop: int | None = None
 ) -> Iterator[bytes]:
@@ -861,10 +875,7 @@ def read_file(
     producing a damaged archive.
     """
     stop = file.size if stop is None else stop
-    try:
-        fd = reopen(file)
-    except OSError as exc:
-        raise StreamError(f"{arcname!r}: cannot be opened any more: {exc}") from exc
+    fd = reopened(arcname, file)
     try:
         if start:
             os.lseek(fd, start, os.SEEK_SET)
@@ -884,28 +895,6 @@ def read_file(
                 if not file.unchanged(os.fstat(fd)):
                     raise StreamError(f"{arcname!r}: modified while being read")
             yield data
-    finally:
-        os.close(fd)
-
-
-def send_file(
-    sender: ZeroCopy,
-    arcname: str,
-    file: FileSnapshot,
-    start: int,
-    stop: int,
-    running: RunningCrc | None,
-    chunk_size: int,
-    ahead: bool = False,
-) -> Iterator[bytes | int]:
-    """Bytes ``[start, stop)`` of the checked file, reopened, sent by ``sender`` (see
-    :func:`.zerocopy.send_part`, which keeps the promises of :func:`read_file`)."""
-    try:
-        fd = reopen(file)
-    except OSError as exc:
-        raise StreamError(f"{arcname!r}: cannot be opened any more: {exc}") from exc
-    try:
-        yield from send_part(sender, fd, arcname, file, start, stop, running, chunk_size, ahead)
     finally:
         os.close(fd)
 
