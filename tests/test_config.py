@@ -196,6 +196,7 @@ def settings_by_door(door: str, tree: Path) -> Settings:
             stall_timeout=12.5,
             cold_range_limit=1048576,
             zero_copy=False,
+            data_descriptors=False,
         ).settings
     if door == "toml":
         config = tree / "zipmiddleware.toml"
@@ -212,6 +213,7 @@ crc_cache = "{cache}"
 stall_timeout = 12.5
 cold_range_limit = "1 MiB"
 zero_copy = false
+data_descriptors = false
 
 [zipmiddleware.routes]
 "/download/<int:game_id>" = "tests.test_config:resolve"
@@ -254,6 +256,7 @@ crc_cache = {cache}
 stall_timeout = 12.5
 cold_range_limit = 1MiB
 zero_copy = false
+data_descriptors = false
 routes =
     /download/<int:game_id> = tests.test_config:resolve
     /files/<path:subpath> = {{ resolver = "directory",
@@ -283,6 +286,7 @@ routes =
             ZIPSTREAM_STALL_TIMEOUT=12.5,
             ZIPSTREAM_COLD_RANGE_LIMIT=1048576,
             ZIPSTREAM_ZERO_COPY=False,
+            ZIPSTREAM_DATA_DESCRIPTORS=False,
         )
         return Downloads().init_app(app).settings
     raise AssertionError(door)
@@ -315,6 +319,7 @@ def test_every_door_gives_the_same_settings(door: str, door_tree: Path) -> None:
         "stall_timeout": 12.5,
         "cold_range_limit": 1048576,
         "zero_copy": False,
+        "data_descriptors": False,
         "plan_cache_entries": 200_000,  # the default: no door sets it here
     }
 

@@ -82,16 +82,6 @@ def test_stored_and_deflate_levels(tree: Path) -> None:
     assert sizes[9] < sizes[1] < sizes[0]
 
 
-def test_level_patch_leaves_plain_deflate_alone() -> None:
-    import zipstream
-
-    assert zipstream._get_compressor(zipfile.ZIP_STORED) is None
-    default = zipstream._get_compressor(zipfile.ZIP_DEFLATED)
-    assert default.compress(b"a" * 1000) + default.flush() == (lambda c: c.compress(b"a" * 1000) + c.flush())(
-        __import__("zlib").compressobj(6, 8, -15)
-    )
-
-
 @pytest.mark.parametrize(
     ("mtime", "date_time"),
     [
@@ -183,21 +173,6 @@ def test_sources_are_checked_against_their_size(tmp_path: Path) -> None:
     ]:
         with pytest.raises(StreamError, match=message):
             stream(tmp_path, ZipTarget([ZipEntry("s", source=chunks, size=size)]))
-
-
-def test_zipstream_ng_is_refused_at_import(tmp_path: Path) -> None:
-    fake = tmp_path / "zipstream"
-    fake.mkdir()
-    (fake / "__init__.py").write_text("class ZipStream: pass\n")
-    result = subprocess.run(
-        [sys.executable, "-c", "import zipmiddleware"],
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode != 0
-    assert "zipmiddleware needs zipstream-new" in result.stderr
-    assert "zipstream-ng" in result.stderr and "pip install" in result.stderr
 
 
 # -- random trees, zipped and extracted back byte-identical ---------------------------------

@@ -21,7 +21,7 @@ from zipmiddleware import ConfigError, ZipEntry, ZipMiddleware, ZipTarget
 from zipmiddleware.config import Settings
 from zipmiddleware.crccache import SQLiteCrcCache
 from zipmiddleware.errors import StreamError
-from zipmiddleware.planning import PlannedEntry, Planner, dos_date_time
+from zipmiddleware.planning import PlannedEntry, Planner, zip_second
 from zipmiddleware.zipengine import Layout, ZipRange, ZipStream, crc32_combine, merged
 
 from .conftest import plain_app, read_zip, write_generated_tree, write_tree
@@ -420,7 +420,7 @@ def entries_of(root: Path) -> tuple[PlannedEntry, ...]:
     planner = Planner(Settings(roots=(str(root),)))
     snapshots = [planner.check_file(p) for p in files]
     return tuple(
-        PlannedEntry(p.relative_to(root).as_posix(), dos_date_time(s.mtime), file=s, size=s.size)
+        PlannedEntry(p.relative_to(root).as_posix(), zip_second(s.mtime), file=s, size=s.size)
         for p, s in zip(files, snapshots, strict=True)
     )
 

@@ -182,7 +182,7 @@ def test_zero_copy_false_sends_through_the_server(data: Path, tmp_path: Path) ->
 
 
 def test_entries_of_unknown_size_go_through_the_server(data: Path, tmp_path: Path) -> None:
-    """A folder plus a generated entry (a source) of unknown size: written by zipstream-new.
+    """A folder plus a generated entry (a source) of unknown size: written in one pass.
     Of known size, the same archive is laid out, and its files' data go out with sendfile."""
     log = tmp_path / "s.log"
     assert sendfile_bytes_for(server(data, trace=log), log, "/marked/small?unsized=1") == 0

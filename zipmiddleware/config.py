@@ -75,6 +75,11 @@ class Settings:
     # Stored file data goes from the page cache to the client's socket with sendfile where
     # the server allows it (gunicorn's sync and gthread workers without TLS: see zerocopy.py).
     zero_copy: bool = True
+    # Stored entries of files say their CRC-32 and sizes after their data, in a data
+    # descriptor: an archive can start before any file is read. False puts them in each local
+    # header instead, for strict streaming readers (Java's ZipInputStream, stream-unzip): an
+    # uncached file is then read once before it is sent (see zipengine.py).
+    data_descriptors: bool = True
 
 
 def _is_str_list(value: Any) -> bool:
@@ -358,6 +363,7 @@ CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "cold_range_limit": _bytes,
     "plan_cache_entries": _int_in(0, 10**9),
     "zero_copy": _bool,
+    "data_descriptors": _bool,
 }
 
 

@@ -4,7 +4,6 @@ before the first byte, so that any problem is still a proper HTTP error.
 
 from __future__ import annotations
 
-import calendar
 import errno
 import fnmatch
 import logging
@@ -25,14 +24,9 @@ from .confinement import Opened, OutsideRootsError, WrongKindError, open_inside
 from .errors import RefusedError
 from .names import NameTable, display_name, safe_arcname
 from .targets import FileTarget, PathTarget, StrPath, ZipEntry, ZipTarget
+from .zipformat import DOS_MAX, DOS_MIN
 
 logger = logging.getLogger("zipmiddleware")
-
-# The DOS date range of a ZIP header. Entry times are UTC, so that archives are
-# identical whatever the server's time zone; outside the range they are clamped.
-DOS_MIN = calendar.timegm((1980, 1, 1, 0, 0, 0))
-DOS_MAX = calendar.timegm((2107, 12, 31, 23, 59, 58))
-DateTime = tuple[int, int, int, int, int, int]
 
 # Folders walked at once per process (others wait): a walk of 50,000 files takes a few seconds
 # of CPU (under the GIL: more at once is not faster) and tens of MB until its plan is dropped.
@@ -63,10 +57,16 @@ FORBIDDEN = "Forbidden: this download is not available."
 SERVER_ERROR = "Internal Server Error: this download cannot be served right now."
 
 
-def dos_date_time(mtime: float) -> DateTime:
-    """A POSIX time as a ZIP date, in UTC, clamped to 1980-01-01 .. 2107-12-31."""
-    t = time.gmtime(int(min(max(mtime, DOS_MIN), DOS_MAX)))
-    return (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
+def zip_second(mtime: float) -> int:
+    """A POSIX time as an entry's date: whole seconds, clamped to the DOS range 1980-01-01 ..
+    2107-12-31 (its DOS fields are that moment in UTC, its extended timestamp the same)."""
+    return int(min(max(mtime, DOS_MIN), DOS_MAX))
+
+
+def is_executable(mode: int) -> bool:
+    """Whether a file's owner may execute it: its entry then gets 0755, else 0644 (archives
+    carry no owners, so the owner's bit says what the file is: a program, a script)."""
+    return bool(mode & stat.S_IXUSR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +87,15 @@ class FileSnapshot:
     identity: tuple[int, int, int, int]
     mtime_ns: int = 0
     links: int = 1
+    # Its owner may execute it: its entry gets mode 0755, else 0644. A chmod
+    # moves the ctime, so the identity (and with it the ETag and the reopen check) follows.
+    executable: bool = False
 
     @classmethod
     def of(cls, path: str, st: os.stat_result) -> FileSnapshot:
         cut = path.rfind(os.sep) + 1
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
-        return cls(path[:cut], path[cut:], identity, st.st_mtime_ns, st.st_nlink)
+        return cls(path[:cut], path[cut:], identity, st.st_mtime_ns, st.st_nlink, is_executable(st.st_mode))
 
     @property
     def size(self) -> int:
@@ -156,7 +159,7 @@ class PlannedEntry:
     """One archive member: a checked file, or a source with an optional size."""
 
     arcname: str
-    date_time: DateTime
+    mtime: int  # whole seconds in the DOS range (see zip_second)
     file: FileSnapshot | None = None
     source: Iterable[bytes] | None = None
     size: int | None = None
@@ -610,14 +613,14 @@ class Planner:
             if entry.path is not None:
                 file = self.check_file(entry.path, roots)
                 mtime = file.mtime if entry.mtime is None else _timestamp(entry.mtime)
-                planned.append(PlannedEntry(arcname, dos_date_time(mtime), file=file, size=file.size))
+                planned.append(PlannedEntry(arcname, zip_second(mtime), file=file, size=file.size))
             else:
                 source, size = entry.source, entry.size
                 if isinstance(source, (bytes, bytearray, memoryview)):
                     source, size = (bytes(source),), len(source)
                 assert source is not None
                 mtime = DOS_MIN if entry.mtime is None else _timestamp(entry.mtime)
-                planned.append(PlannedEntry(arcname, dos_date_time(mtime), source=source, size=size))
+                planned.append(PlannedEntry(arcname, zip_second(mtime), source=source, size=size))
         return tuple(planned)
 
     # -- folders ---------------------------------------------------------------------
@@ -642,14 +645,12 @@ class Planner:
             rel, file = found[0]
             plan = FilePlan(file, display_name(os.path.basename(rel)))
         else:
-            dates: dict[int, DateTime] = {}  # one tuple per second, shared by the entries
+            seconds: dict[int, int] = {}  # one int object per second, shared by the entries
             entries = []
             for arcname, (_, file) in zip(arcnames([rel for rel, _ in found]), found, strict=True):
-                second = int(min(max(file.mtime, DOS_MIN), DOS_MAX))
-                date_time = dates.get(second)
-                if date_time is None:
-                    date_time = dates[second] = dos_date_time(second)
-                entries.append(PlannedEntry(arcname, date_time, file, None, file.size))
+                second = zip_second(file.mtime)
+                second = seconds.setdefault(second, second)
+                entries.append(PlannedEntry(arcname, second, file, None, file.size))
             name = download_name or display_name(os.path.basename(top.real)) + ".zip"
             plan = ZipPlan(tuple(entries), name)
         fresh = started is not None and walk.newest >= started - RACY_MARGIN_NS
@@ -807,9 +808,8 @@ class _Walk:
                     ctime_ns,
                 )
                 folder, rest = (self.base, rel) if plain else (base, name)
-                file = FileSnapshot(
-                    folder, rest, identity, ints.setdefault(st.st_mtime_ns, st.st_mtime_ns), st.st_nlink
-                )
+                mtime_ns = ints.setdefault(st.st_mtime_ns, st.st_mtime_ns)
+                file = FileSnapshot(folder, rest, identity, mtime_ns, st.st_nlink, is_executable(st.st_mode))
                 self.folder.files.append(file)
             else:  # readable now, as a single file's open proves it
                 raise self.unreadable(rel)

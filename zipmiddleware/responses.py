@@ -187,19 +187,26 @@ def zip_response(
     A stored archive whose sizes are all known is laid out in advance and written from
     that one description (:class:`ZipRange`): it gets an exact Content-Length, and when
     every entry is a file also validators and ranges; its full download is the range
-    [0, length). Anything else (deflate, sources of unknown size) goes through
-    zipstream-new, without ranges. A range whose CRC-32s would
+    [0, length). Anything else (deflate, sources of unknown size) is written in one
+    pass (:class:`ZipStream`), without ranges. A range whose CRC-32s would
     cost more than ``cold_range_limit`` to learn gets the whole archive (200): the
     client then receives every byte the server reads.
     """
     entries = plan.entries
     sized = settings.compression_level == 0 and all(entry.size is not None for entry in entries)
-    layout = plan.memo("layout", lambda: Layout(entries, settings.zip64)) if sized else None
+    layout = (
+        plan.memo("layout", lambda: Layout(entries, settings.zip64, settings.data_descriptors))
+        if sized
+        else None
+    )
     if not settings.zip64 and (layout.needs_zip64 if layout else needs_zip64(entries)):
         close_sources(plan)
         raise RefusedError(500, SERVER_ERROR, "archive needs ZIP64 but zip64 = false")
     found = plan.memo(
-        "validators", lambda: archive_validators(entries, settings.compression_level, settings.zip64)
+        "validators",
+        lambda: archive_validators(
+            entries, settings.compression_level, settings.zip64, settings.data_descriptors
+        ),
     )
     # Ranges need both the layout (where bytes lie) and validators (that they stay there).
     length = layout.length if layout is not None and found is not None else None
@@ -212,13 +219,14 @@ def zip_response(
         return _bodiless(outcome, validators)
 
     body: ZipRange | ZipStream
-    if layout is None:  # deflated, or a source of unknown size: zipstream-new writes it
+    if layout is None:  # deflated, or a source of unknown size: written in one pass
         body = ZipStream(
             entries,
             chunk_size=settings.chunk_size,
             compression_level=settings.compression_level,
             zip64=settings.zip64,
             crc_cache=crc_cache,
+            data_descriptors=settings.data_descriptors,
         )
     else:
         present = client_presence(environ)

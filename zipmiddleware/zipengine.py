@@ -1,29 +1,26 @@
-"""The streamed ZIP writer. The ONLY module that imports ``zipstream`` (zipstream-new).
+"""The streamed ZIP writer: archives written from the plan, in constant memory.
 
-Every workaround for a measured zipstream-new defect lives here (numbers refer to
-the list of defects in the project's field notes):
+Every record is packed by :mod:`.zipformat`; this module decides what goes where.
 
-1. ``allowZip64`` is passed explicitly (it defaults to False).
-2./3. Entries are fed with ``write_iter`` and a size hint that keeps the local
-   header and the data descriptor in agreement: the hint is the real size only
-   when the size needs ZIP64; otherwise 0, so no ZIP64 extra is written.
-4. No directory entries are ever written.
-5. Files are read by our own reader, ``chunk_size`` bytes at a time, and the
-   output is merged into chunks of at least ``chunk_size``; no empty chunk.
-6. The deflate level is honoured (see :class:`DeflateLevel`); names are made
-   safe before they get here; dates come from mtimes, clamped, never the clock.
-7. Every file handle and user iterable is closed by :meth:`ZipStream.close`,
-   without relying on garbage collection.
-8. zipstream-ng installs the same import name: refused at import.
+A stored archive of known sizes is laid out in advance (:class:`Layout`): its exact
+length, and where each header, data and descriptor lies. That one description writes
+every byte of it (:class:`ZipRange`; the full download is the range [0, length), and
+only an archive of files has other ranges), with the CRC-32 cache, reading file data
+only where the range needs it and sending it with sendfile where the server allows
+(:mod:`.zerocopy`). :class:`ZipStream` writes the others: deflated, or with a source
+of unknown size, in one pass.
 
-A stored archive of known sizes is laid out in advance (:class:`Layout`): its
-exact length, and where each header, data and descriptor lies. That one
-description writes every byte of it (:class:`ZipRange`; the full download is the
-range [0, length), and only an archive of files has other ranges), with
-zipstream-new's own record code for the headers and the CRC-32 cache, reading file
-data only where the range needs it and sending it with sendfile where the server
-allows (:mod:`.zerocopy`). :class:`ZipStream` writes the others (deflated, or with
-a source of unknown size) through zipstream-new.
+What each entry's headers hold (reasons in :mod:`.zipformat` and the README):
+
+- Stored entries of known size say their real sizes in their local header, also when a
+  data descriptor follows (as nginx's mod_zip does): streaming readers such as
+  stream-unzip then find where the data ends. An empty entry has nothing to describe
+  later and gets no descriptor.
+- With ``data_descriptors`` false, a stored entry of a file has its CRC-32 in its local
+  header and no descriptor (Java's ``ZipInputStream`` reads no other stored entry); the
+  CRC-32 comes from the cache, or from reading the file once before it is sent.
+- Entries whose size is unknown before their data (deflated, or a source without a size)
+  always use a descriptor.
 """
 
 from __future__ import annotations
@@ -31,13 +28,9 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
-import importlib.metadata
 import logging
 import os
-import struct
-import zipfile
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 from . import compression
 from .checksums import ClientGoneError, ColdCrcWork, Present, RunningCrc, always_present, crc32_combine
@@ -45,83 +38,52 @@ from .crccache import CHECKPOINT_EVERY, Checkpoint, CrcCache, Key
 from .errors import StreamError
 from .planning import FileSnapshot, PlannedEntry, reopen
 from .zerocopy import ZeroCopy, send_part
+from .zipformat import (
+    DEFLATED,
+    STORED,
+    ZIP64_LIMIT,
+    Member,
+    central_record,
+    data_descriptor,
+    end_records,
+    end_records_size,
+    local_header,
+    needs_zip64_end,
+)
 
 logger = logging.getLogger("zipmiddleware")
-
-
-def _import_zipstream_new() -> Any:
-    import zipstream
-
-    # zipstream-ng has ZipStream and no write_iter; zipstream-new is the reverse.
-    if not hasattr(zipstream, "ZipFile") or not hasattr(zipstream.ZipFile, "write_iter"):
-        raise ImportError(
-            "zipmiddleware needs zipstream-new, but the 'zipstream' module found at "
-            f"{getattr(zipstream, '__file__', '?')} is another package (probably zipstream-ng, "
-            "which installs the same import name). Fix: pip uninstall zipstream-ng zipstream-new "
-            "&& pip install 'zipstream-new>=1.1.8,<1.2'"
-        )
-    return zipstream
-
-
-zipstream = _import_zipstream_new()
 
 # A range gives the cache what it learnt every this many files (and when it ends).
 FLUSH_EVERY = 256
 
+# Everything besides the entries and the settings that decides an archive's bytes. Bump it
+# whenever the same inputs would give other bytes (and so the ETags change once).
+FORMAT = "zipmiddleware-zip/2"
 
-# stdlib's limit (2 GiB - 1) that zipstream-new compares sizes and offsets with.
-ZIP64_LIMIT: int = zipfile.ZIP64_LIMIT
-ZIP_FILECOUNT_LIMIT: int = zipfile.ZIP_FILECOUNT_LIMIT
 
+def member(
+    entry: PlannedEntry, offset: int, *, zip64: bool, data_descriptors: bool, deflated: bool
+) -> Member:
+    """The header fields of ``entry`` written at ``offset``.
 
-class DeflateLevel(int):
-    """``ZIP_DEFLATED`` that carries a compression level.
-
-    zipstream-new builds every compressor with ``zlib.Z_DEFAULT_COMPRESSION``
-    (level 6), from its module function ``_get_compressor(compress_type)``. The
-    entry's ``compress_type`` reaches that function untouched, so an ``int``
-    equal to ``ZIP_DEFLATED`` that also knows its level is enough: it packs into
-    headers as 8, and the wrapped function below reads the level from it and builds
-    :func:`.compression.compressobj` (ISA-L where it is installed, else zlib). Plain
-    ints behave exactly as before, so other users of zipstream are unaffected.
+    ZIP64 fields when the planned size may pass the limit (deflate may grow incompressible
+    data a little: 5% is far more than it adds); a descriptor unless the CRC-32 and sizes
+    can be in the local header (see the module docstring).
     """
-
-    level: int
-
-    def __new__(cls, level: int) -> DeflateLevel:
-        value = super().__new__(cls, zipfile.ZIP_DEFLATED)
-        value.level = level
-        return value
-
-
-def _install_level_aware_compressor() -> None:
-    original = zipstream._get_compressor
-    if getattr(original, "honours_deflate_level", False):
-        return
-
-    def get_compressor(compress_type: int) -> Any:
-        if isinstance(compress_type, DeflateLevel):
-            return compression.compressobj(compress_type.level)
-        return original(compress_type)
-
-    get_compressor.honours_deflate_level = True  # type: ignore[attr-defined]
-    zipstream._get_compressor = get_compressor
-    # The CRC-32 zipstream-new computes of each entry: the same values, faster (see compression.py).
-    zipstream.crc32 = compression.crc32
-
-
-_install_level_aware_compressor()
-
-
-def size_hint(size: int | None) -> int:
-    """The ``buffer_size`` to give ``write_iter`` (defect 3).
-
-    zipstream-new writes a ZIP64 extra into the local header when
-    ``hint * 1.05 > ZIP64_LIMIT`` but a 64-bit data descriptor only when the
-    real size exceeds ``ZIP64_LIMIT``. Passing the size only when it exceeds the
-    limit makes both agree for every size, as streaming readers require.
-    """
-    return size if size is not None and size > ZIP64_LIMIT else 0
+    size = entry.size
+    # Without a size: no ZIP64, and so the entry may not pass ZIP64_LIMIT (see read_source).
+    big = size is not None and zip64 and (size + size // 20 if deflated else size) > ZIP64_LIMIT
+    sized_file = entry.file is not None and not deflated
+    descriptor = deflated or size is None or (size > 0 and (data_descriptors or not sized_file))
+    return Member(
+        entry.arcname.encode("utf-8"),
+        DEFLATED if deflated else STORED,
+        entry.mtime,
+        entry.file is not None and entry.file.executable,
+        offset,
+        big,
+        descriptor,
+    )
 
 
 def needs_zip64(entries: Iterable[PlannedEntry]) -> bool:
@@ -133,44 +95,9 @@ def needs_zip64(entries: Iterable[PlannedEntry]) -> bool:
         size = entry.size or 0
         if size > ZIP64_LIMIT or offset > ZIP64_LIMIT:
             return True
-        offset += 30 + len(entry.arcname.encode("utf-8")) + size + 16
-    return count >= ZIP_FILECOUNT_LIMIT or offset > ZIP64_LIMIT
-
-
-class Output:
-    """The "file" zipstream-new writes to: hands each piece back and counts the position.
-
-    The same role as zipstream-new's ``PointerIO``, without its per-write property
-    lookup and type checks (measurable at 64 KiB chunks: see bench/). It may start
-    at any position: that is how a central directory is written on its own.
-    """
-
-    __slots__ = ("position",)
-
-    def __init__(self, position: int = 0) -> None:
-        self.position = position
-
-    def write(self, data: bytes) -> bytes:
-        self.position += len(data)
-        return data
-
-    def tell(self) -> int:
-        return self.position
-
-    def flush(self) -> None:
-        pass
-
-
-def _writer_version() -> str:
-    try:
-        return importlib.metadata.version("zipstream-new")
-    except importlib.metadata.PackageNotFoundError:
-        return str(getattr(zipstream, "__version__", "?"))
-
-
-# Everything besides the entries that decides an archive's bytes. Bump the first
-# part whenever our use of the writer changes the bytes for the same inputs.
-FORMAT = f"zipmiddleware-zip/1 zipstream-new/{_writer_version()}"
+        header = member(entry, offset, zip64=False, data_descriptors=True, deflated=False)
+        offset += header.header_size + size + header.descriptor_size
+    return needs_zip64_end(count, offset, 0)
 
 
 def merged(pieces: Iterable[bytes | int], chunk_size: int, length: int | None = None) -> Iterator[bytes]:
@@ -227,10 +154,11 @@ def _within(sent: int, length: int | None) -> None:
 class ZipStream:
     """A WSGI body: iterate for the archive's bytes; ``close()`` releases everything.
 
-    Nothing is opened until iteration starts, so a HEAD request or a response
-    that is never iterated reads no file data. With ``length`` the body must be
-    exactly that long. The CRC-32 of every file entry that was completed goes to
-    ``crc_cache``, also when the client goes away part-way.
+    Writes, in one pass, an archive that cannot be laid out in advance: deflated, or
+    with a source of unknown size. Nothing is opened until iteration starts, so a HEAD
+    request or a response that is never iterated reads no file data. With ``length`` the
+    body must be exactly that long. The CRC-32 of every file entry that was completed
+    goes to ``crc_cache``, also when the client goes away part-way.
     """
 
     def __init__(
@@ -242,6 +170,7 @@ class ZipStream:
         zip64: bool = True,
         length: int | None = None,
         crc_cache: CrcCache | None = None,
+        data_descriptors: bool = True,
     ) -> None:
         self.entries = entries
         self.chunk_size = chunk_size
@@ -249,9 +178,10 @@ class ZipStream:
         self.zip64 = zip64
         self.length = length
         self.crc_cache = crc_cache
+        self.data_descriptors = data_descriptors
         self._readers: list[Iterator[bytes]] = []
         self._output: Iterator[bytes] | None = None
-        self._archive_file: Any = None
+        self._learnt: dict[Key, int] = {}  # CRC-32s of files read whole, not yet given to the cache
 
     def __iter__(self) -> Iterator[bytes]:
         if self._output is None:
@@ -259,41 +189,89 @@ class ZipStream:
         return self._output
 
     def _archive(self) -> Iterator[bytes]:
-        archive = zipstream.ZipFile(Output(), mode="w", compression=zipfile.ZIP_STORED, allowZip64=self.zip64)
-        self._archive_file = archive
-        compress_type = DeflateLevel(self.compression_level) if self.compression_level else zipfile.ZIP_STORED
-        for entry in self.entries:
-            reader = self._reader(entry)
-            self._readers.append(reader)
-            archive.write_iter(
-                entry.arcname,
-                reader,
-                compress_type=compress_type,
-                buffer_size=size_hint(entry.size),
-                date_time=entry.date_time,
-            )
-        output = iter(archive)
+        position = 0
+        written: list[tuple[Member, int, int, int]] = []  # member, CRC-32, compressed size, size
         try:
-            yield from output
+            for entry in self.entries:
+                header = member(
+                    entry,
+                    position,
+                    zip64=self.zip64,
+                    data_descriptors=self.data_descriptors,
+                    deflated=bool(self.compression_level),
+                )
+                for piece in self._entry(entry, header, written):
+                    position += len(piece)
+                    yield piece
+            directory = position
+            for header, crc, compressed, size in written:
+                record = central_record(header, crc, compressed, size)
+                position += len(record)
+                yield record
+            yield end_records(len(written), directory, position - directory)
         except StreamError as exc:
             logger.error("download aborted: %s", exc)
             raise
-        except Exception as exc:  # zipstream-new's own RuntimeErrors, I/O errors, ...
+        except Exception as exc:  # I/O errors, compressor errors, ...
             logger.error("download aborted: archive generation failed: %r", exc)
             raise StreamError(f"archive generation failed: {exc}") from exc
         finally:
-            close = getattr(output, "close", None)
-            if close is not None:
-                close()
             self._remember_crcs()
 
+    def _entry(
+        self, entry: PlannedEntry, header: Member, written: list[tuple[Member, int, int, int]]
+    ) -> Iterator[bytes]:
+        """An entry's local header, data and descriptor; what its central record needs goes to ``written``."""
+        expected = None
+        if not header.descriptor and entry.size:  # the CRC-32 goes first, in the local header
+            assert entry.file is not None
+            expected = self._file_crc(entry.arcname, entry.file)
+        known = entry.size if entry.size is not None and not header.method else 0
+        yield local_header(header, expected or 0, known, known)
+        reader = self._reader(entry)
+        self._readers.append(reader)
+        compressor = compression.compressobj(self.compression_level) if header.method else None
+        crc = size = compressed = 0
+        for piece in reader:
+            crc = compression.crc32(piece, crc)
+            size += len(piece)
+            if compressor is not None:
+                piece = compressor.compress(piece)
+                if not piece:
+                    continue
+            compressed += len(piece)
+            yield piece
+        if compressor is not None:
+            tail = compressor.flush()
+            compressed += len(tail)
+            if tail:
+                yield tail
+        if not header.zip64 and compressed > ZIP64_LIMIT:
+            raise StreamError(f"{entry.arcname!r}: compressed to more than {ZIP64_LIMIT} bytes")
+        if entry.file is not None:
+            self._learnt[entry.file.identity] = crc
+        if expected is not None and crc != expected:
+            raise StreamError(f"{entry.arcname!r}: its data no longer gives the CRC-32 its header holds")
+        if header.descriptor:
+            yield data_descriptor(header, crc, compressed, size)
+        written.append((header, crc, compressed, size))
+
+    def _file_crc(self, arcname: str, file: FileSnapshot) -> int:
+        """A file's CRC-32 before it is sent: from the cache, else by reading it once."""
+        if self.crc_cache is not None:
+            cached = self.crc_cache.get_many({file.identity})
+            if file.identity in cached:
+                return cached[file.identity]
+        crc = 0
+        for piece in read_file(arcname, file, self.chunk_size):
+            crc = compression.crc32(piece, crc)
+        return crc
+
     def _remember_crcs(self) -> None:
-        """Give the cache the CRC-32 of every file entry zipstream-new finished."""
-        archive, self._archive_file = self._archive_file, None
-        if archive is None or self.crc_cache is None:
-            return
-        finished = zip(archive.filelist, self.entries, strict=False)  # filelist grows in entry order
-        self.crc_cache.put_many({entry.file.identity: info.CRC for info, entry in finished if entry.file})
+        """Give the cache the CRC-32 of every file entry read whole."""
+        learnt, self._learnt = self._learnt, {}
+        if learnt and self.crc_cache is not None:
+            self.crc_cache.put_many(learnt)
 
     def _reader(self, entry: PlannedEntry) -> Iterator[bytes]:
         if entry.file is not None:
@@ -319,76 +297,66 @@ def _close_all(closables: Iterable[object]) -> None:
 
 # -- layout and ranges of stored archives ----------------------------------------------
 
-
-def _zipinfo(entry: PlannedEntry, header_offset: int = 0) -> Any:
-    """The ``ZipInfo`` zipstream-new's ``write_iter`` makes for this stored entry."""
-    assert entry.size is not None
-    arcname = os.path.normpath(os.path.splitdrive(entry.arcname)[1]).lstrip("/" + os.sep)
-    info = zipstream.ZipInfo(arcname, entry.date_time)
-    info.external_attr = 0o600 << 16
-    info.compress_type = zipfile.ZIP_STORED
-    info.file_size = size_hint(entry.size)
-    info.flag_bits = 0x08
-    info.header_offset = header_offset
-    return info
-
-
-def _written(entry: PlannedEntry, header_offset: int, zip64: bool, crc: int) -> tuple[Any, bytes]:
-    """The ``ZipInfo`` of a written stored entry and its local header, as zipstream-new has them
-    after the entry: the header also sets the versions the central record repeats."""
-    info = _zipinfo(entry, header_offset)
-    header = info.FileHeader(zip64 and info.file_size * 1.05 > ZIP64_LIMIT)
-    info.CRC = crc
-    info.compress_size = info.file_size = entry.size
-    return info, header
+# Stored entries of known size say their sizes in their local header even when a descriptor
+# follows: stream-unzip (and others that read the local headers in order) then find where
+# the data ends; central-directory readers ignore them; 7-Zip checks them against the
+# directory. False writes zeros there instead (the tests compare both with every reader).
+SIZES_IN_LOCAL_HEADERS = True
 
 
 class Layout:
     """Where every byte of a stored archive lies, from names and sizes alone.
 
-    The records are zipstream-new's, with the size hint of :func:`size_hint`
-    (n = the name's length as the running Python encodes it):
+    Per entry (n = the UTF-8 name's length; :mod:`.zipformat` packs the records):
 
-    - local header ``30 + n``, plus a 20-byte ZIP64 extra when the size needs it;
-    - the data; a descriptor of 16 bytes, or 24 when the size needs ZIP64;
-    - a central record ``46 + n``, plus ``4 + 8`` per ZIP64 field (sizes, offset);
-    - the end record, 22 bytes, after a ZIP64 end record and locator (56 + 20)
-      when there are 65,535 entries or more, or the directory starts or grows
-      past 2 GiB - 1.
+    - its local header, ``30 + n`` bytes, plus 20 for a ZIP64 extra when the entry passes
+      ZIP64_LIMIT, plus 9 for the extended timestamp;
+    - its data;
+    - its data descriptor, if it has one: 16 bytes, or 24 with a ZIP64 extra;
+    - its central record, ``46 + n + 9``, plus ``4 + 8`` per ZIP64 field (sizes, offset).
 
-    The tests compare this with what zipstream-new writes, byte for byte.
+    Then the end record, 22 bytes, after a ZIP64 end record and locator (56 + 20) when
+    there are 65,535 entries or more, or the directory starts or grows past 2 GiB - 1.
     """
 
-    def __init__(self, entries: tuple[PlannedEntry, ...], zip64: bool = True) -> None:
+    def __init__(
+        self, entries: tuple[PlannedEntry, ...], zip64: bool = True, data_descriptors: bool = True
+    ) -> None:
         self.entries = entries
         self.zip64 = zip64
+        self.data_descriptors = data_descriptors
         self.offsets: list[int] = []  # of each local header
         self.data_offsets: list[int] = []
-        self.descriptor_offsets: list[int] = []
+        self.descriptor_offsets: list[int] = []  # where the data ends (and a descriptor starts)
         self.records: list[int] = []  # of each central record, from the directory's start
         position = directory = 0
+        big = False
         for entry in entries:
             if entry.size is None:
                 raise ValueError(f"{entry.arcname!r}: a layout needs every size")
-            big = entry.size > ZIP64_LIMIT
-            name = len(_zipinfo(entry)._encodeFilenameFlags()[0])
+            header = self._member(entry, position)
+            big = big or header.version > 20
             self.offsets.append(position)
             self.records.append(directory)
-            self.data_offsets.append(position + 30 + name + (20 if big and zip64 else 0))
+            self.data_offsets.append(position + header.header_size)
             self.descriptor_offsets.append(self.data_offsets[-1] + entry.size)
-            fields = 2 * big + (position > ZIP64_LIMIT)
-            position = self.descriptor_offsets[-1] + (24 if big else 16)
-            directory += 46 + name + (4 + 8 * fields if fields else 0)
+            position = self.descriptor_offsets[-1] + header.descriptor_size
+            directory += header.record_size
         self.directory_offset = position
         self.directory_size = directory
-        self.zip64_end = (
-            len(entries) >= ZIP_FILECOUNT_LIMIT or position > ZIP64_LIMIT or directory > ZIP64_LIMIT
-        )
-        self.length = position + directory + (56 + 20 if self.zip64_end else 0) + 22
-        self.needs_zip64 = self.zip64_end or any(entry.size > ZIP64_LIMIT for entry in entries)  # type: ignore[operator]
+        self.zip64_end = needs_zip64_end(len(entries), position, directory)
+        self.length = position + directory + end_records_size(len(entries), position, directory)
+        self.needs_zip64 = self.zip64_end or big or any(entry.size > ZIP64_LIMIT for entry in entries)  # type: ignore[operator]
+
+    def _member(self, entry: PlannedEntry, offset: int) -> Member:
+        return member(entry, offset, zip64=self.zip64, data_descriptors=self.data_descriptors, deflated=False)
+
+    def member(self, index: int) -> Member:
+        """The header fields of entry ``index``."""
+        return self._member(self.entries[index], self.offsets[index])
 
     def entry_end(self, index: int) -> int:
-        """Where entry ``index``'s data descriptor ends."""
+        """Where entry ``index`` (its descriptor, if it has one) ends."""
         return self.offsets[index + 1] if index + 1 < len(self.offsets) else self.directory_offset
 
     def record_span(self, index: int) -> tuple[int, int]:
@@ -397,101 +365,46 @@ class Layout:
         following = self.records[index + 1] if index + 1 < len(self.records) else self.directory_size
         return start, self.directory_offset + following
 
+    def local_header(self, index: int, crc: int) -> bytes:
+        header = self.member(index)
+        size = self.entries[index].size or 0
+        if header.descriptor and not SIZES_IN_LOCAL_HEADERS:
+            size = 0
+        return local_header(header, crc, size, size)
+
+    def descriptor(self, index: int, crc: int) -> bytes:
+        size = self.entries[index].size or 0
+        return data_descriptor(self.member(index), crc, size, size)
+
+    def central_record(self, index: int, crc: int) -> bytes:
+        size = self.entries[index].size or 0
+        return central_record(self.member(index), crc, size, size)
+
+    def end_records(self) -> bytes:
+        return end_records(len(self.entries), self.directory_offset, self.directory_size)
+
 
 def archive_validators(
-    entries: tuple[PlannedEntry, ...], compression_level: int, zip64: bool
+    entries: tuple[PlannedEntry, ...], compression_level: int, zip64: bool, data_descriptors: bool = True
 ) -> tuple[str, float] | None:
     """A strong ETag and the newest mtime for an archive of files; None if any entry is a source.
 
-    The ETag covers everything that decides the bytes: each entry's name, date,
-    and file (device, inode, size, mtime in ns), the settings that shape the
-    archive, the compressor's name and version when deflating (its bytes are its own), and
-    the writer's format.
+    The ETag covers everything that decides the bytes: each entry's name, date, mode and
+    file (device, inode, size, ctime in ns), the settings that shape the archive, the
+    compressor's name and version when deflating (its bytes are its own), and the format.
     """
     if not entries or any(entry.file is None for entry in entries):
         return None
-    digest = hashlib.sha256(repr((FORMAT, compression_level, zip64)).encode())
+    digest = hashlib.sha256(repr((FORMAT, compression_level, zip64, data_descriptors)).encode())
     if compression_level:
         digest.update(compression.COMPRESSOR.encode())
     newest = 0.0
     for entry in entries:
         assert entry.file is not None
-        digest.update(repr((entry.arcname, entry.date_time, entry.file.identity)).encode() + b"\0")
-        newest = max(newest, entry.file.mtime)
+        file = entry.file
+        digest.update(repr((entry.arcname, entry.mtime, file.executable, file.identity)).encode() + b"\0")
+        newest = max(newest, file.mtime)
     return "zip-" + digest.hexdigest()[:40], newest
-
-
-def central_record(info: Any) -> bytes:
-    """The central directory record of a written entry, as zipstream-new writes it (the body
-    of the loop over ``filelist`` in its ``ZipFile.__close``), so that a range packs only the
-    records it sends. Stored entries only; the tests compare whole archives with zipstream-new's."""
-    year, month, day, hour, minute, second = info.date_time
-    dosdate = (year - 1980) << 9 | month << 5 | day
-    dostime = hour << 11 | minute << 5 | (second // 2)
-    extra: list[int] = []
-    file_size, compress_size, header_offset = info.file_size, info.compress_size, info.header_offset
-    if file_size > ZIP64_LIMIT or compress_size > ZIP64_LIMIT:
-        extra += [file_size, compress_size]
-        file_size = compress_size = 0xFFFFFFFF
-    if header_offset > ZIP64_LIMIT:
-        extra.append(header_offset)
-        header_offset = 0xFFFFFFFF
-    extra_data, min_version = info.extra, 0
-    if extra:
-        extra_data = struct.pack("<HH" + "Q" * len(extra), 1, 8 * len(extra), *extra) + extra_data
-        min_version = zipfile.ZIP64_VERSION
-    filename, flag_bits = info._encodeFilenameFlags()
-    record = struct.pack(
-        zipstream.structCentralDir,
-        zipstream.stringCentralDir,
-        max(min_version, info.create_version),
-        info.create_system,
-        max(min_version, info.extract_version),
-        info.reserved,
-        flag_bits,
-        info.compress_type,
-        dostime,
-        dosdate,
-        info.CRC,
-        compress_size,
-        file_size,
-        len(filename),
-        len(extra_data),
-        len(info.comment),
-        0,
-        info.internal_attr,
-        info.external_attr,
-        header_offset,
-    )
-    return bytes(record + filename + extra_data + info.comment)
-
-
-def end_records(layout: Layout) -> bytes:
-    """The end of central directory record, after the ZIP64 end record and locator where the
-    layout has them, as zipstream-new writes them (no archive comment)."""
-    count, size, offset = len(layout.entries), layout.directory_size, layout.directory_offset
-    records = b""
-    if layout.zip64_end:
-        records += struct.pack(
-            zipstream.structEndArchive64,
-            zipstream.stringEndArchive64,
-            44,
-            45,
-            45,
-            0,
-            0,
-            count,
-            count,
-            size,
-            offset,
-        )
-        records += struct.pack(
-            zipstream.structEndArchive64Locator, zipstream.stringEndArchive64Locator, 0, offset + size, 1
-        )
-        count, size, offset = min(count, 0xFFFF), min(size, 0xFFFFFFFF), min(offset, 0xFFFFFFFF)
-    return records + struct.pack(
-        zipstream.structEndArchive, zipstream.stringEndArchive, 0, 0, count, count, size, offset, 0
-    )
 
 
 class ZipRange:
@@ -539,7 +452,7 @@ class ZipRange:
         self._cold_pending: set[int] = set()  # entries whose CRC-32 needs reading without sending
         self._crcs: dict[int, int] | None = None  # entry index -> CRC-32, once looked up
         self._cached: dict[int, int] = {}  # what the cache said, until checked against data
-        self._sent_cached: set[int] = set()  # entries whose cached CRC-32 went out unchecked
+        self._sent: dict[int, int] = {}  # CRC-32s that went out before their data was read here
         self._checkpoints: dict[int, list[Checkpoint]] = {}
         self._learnt: dict[Key, int] = {}  # computed here, not yet given to the cache
         self._progress: tuple[Key, RunningCrc] | None = None  # the file being read from its start
@@ -568,13 +481,19 @@ class ZipRange:
 
     @functools.cached_property
     def _needed(self) -> list[int]:
-        """The entries whose descriptor or central record lies in the range (worked out when
-        first asked: never for a HEAD, whose body is not iterated). Both kinds lie in order,
-        so each is one run of entries, found by bisection."""
+        """The entries whose CRC-32 the range sends: in a descriptor, a local header (without
+        descriptors) or a central record (worked out when first asked: never for a HEAD,
+        whose body is not iterated). Each kind lies in order, so each is one run of entries,
+        found by bisection. Entries without descriptors (all of a layout without them but
+        for sources, which are only ever in the whole archive) hold it in their local header."""
         layout, start, stop = self.layout, self.start, self.stop
-        # Entry i's descriptor runs from descriptor_offsets[i] to offsets[i + 1] (or the directory).
-        first = max(bisect.bisect_right(layout.offsets, start) - 1, 0)
-        descriptors = range(first, bisect.bisect_left(layout.descriptor_offsets, stop))
+        if layout.data_descriptors:
+            # Entry i's descriptor runs from descriptor_offsets[i] to offsets[i + 1] (or the directory).
+            first = max(bisect.bisect_right(layout.offsets, start) - 1, 0)
+            descriptors = range(first, bisect.bisect_left(layout.descriptor_offsets, stop))
+        else:  # entry i's local header runs from offsets[i] to data_offsets[i]
+            first = bisect.bisect_right(layout.data_offsets, start)
+            descriptors = range(first, bisect.bisect_left(layout.offsets, stop))
         if start >= layout.directory_offset:
             descriptors = range(0)
         # Entry i's record runs from records[i] to records[i + 1] (or the directory's end).
@@ -626,9 +545,18 @@ class ZipRange:
                 self._checkpoints = {index: points[key] for index, key in cold.items() if key in points}
         return self._crcs
 
+    def _header_first(self, index: int) -> bool:
+        """Whether the range sends entry ``index``'s CRC-32 in its local header, before its data."""
+        layout = self.layout
+        return (
+            not layout.member(index).descriptor
+            and self.start < layout.data_offsets[index]
+            and self.stop > layout.offsets[index]
+        )
+
     def _cold_start(self, index: int) -> int:
         """How far into entry ``index``'s file its CRC-32 needs reading without sending."""
-        low = self._reads_to_end(index)
+        low = None if self._header_first(index) else self._reads_to_end(index)
         return self.layout.entries[index].size or 0 if low is None else low
 
     def _best_checkpoint(self, index: int, offset: int) -> Checkpoint:
@@ -651,6 +579,9 @@ class ZipRange:
             if index not in known:
                 offset = self._cold_start(index)
                 cost = offset - self._best_checkpoint(index, offset)[0]
+                span = self._read_span(index)
+                if span is not None and self._header_first(index):  # read twice, but all of it sent
+                    cost = max(cost - (span[1] - span[0]), 0)
                 if cost:
                     self._cold_pending.add(index)
                 total += cost
@@ -693,9 +624,9 @@ class ZipRange:
                 break
             entry = layout.entries[index]
             data, descriptor = layout.data_offsets[index], layout.descriptor_offsets[index]
-            info, header = _written(entry, offset, layout.zip64, 0)
             if start < data:
-                yield self._window(offset, header)
+                crc = self._crc(index) if entry.size and self._header_first(index) else 0
+                yield self._window(offset, layout.local_header(index, crc))
             span = self._read_span(index)
             if entry.source is not None:  # the whole archive: read in full, CRC-32 on the way
                 running = RunningCrc()
@@ -717,9 +648,8 @@ class ZipRange:
                     yield from self._read_learning(index, low)
                 else:  # the CRC-32 is cached, or not needed here
                     yield from self._data(index, low, high)
-            if start < layout.entry_end(index) and stop > descriptor:
-                info.CRC = self._crc(index)
-                yield self._window(descriptor, info.DataDescriptor())
+            if descriptor < layout.entry_end(index) and start < layout.entry_end(index) and stop > descriptor:
+                yield self._window(descriptor, layout.descriptor(index, self._crc(index)))
             self._flush(every=FLUSH_EVERY)
 
     def _directory(self) -> Iterator[bytes]:
@@ -735,11 +665,10 @@ class ZipRange:
                 return
             if record_stop <= self.start:  # the range starts after the records
                 break
-            info = _written(layout.entries[index], layout.offsets[index], layout.zip64, crcs[index])[0]
-            yield self._window(record_start, central_record(info))
+            yield self._window(record_start, layout.central_record(index, crcs[index]))
         end = layout.directory_offset + layout.directory_size
         if self.stop > end:
-            yield self._window(end, end_records(layout))
+            yield self._window(end, layout.end_records())
 
     # -- CRC-32s -----------------------------------------------------------------------
 
@@ -761,8 +690,7 @@ class ZipRange:
             )
             self.cold_work.confirm(entry.file.identity, crcs[index])
             self._cold_done(index)
-        elif index in self._cached:
-            self._sent_cached.add(index)
+        self._sent.setdefault(index, crcs[index])
         return crcs[index]
 
     def _read_learning(self, index: int, low: int) -> Iterator[bytes | int]:
@@ -834,17 +762,17 @@ class ZipRange:
         cached = self._cached.pop(index, None)
         self._look_up()[index] = crc
         self.cold_work.confirm(entry.file.identity, crc)
-        if cached == crc:
-            return
-        self._learnt[entry.file.identity] = crc
-        if entry.file.size >= CHECKPOINT_EVERY:  # a big file: worth a write of its own at once
-            self._flush()
-        if cached is not None:
-            logger.error(
-                "CRC-32 cache: %r had %08x, its data gives %08x; corrected", entry.arcname, cached, crc
-            )
-            if index in self._sent_cached:
-                raise StreamError(f"{entry.arcname!r}: a wrong cached CRC-32 was already sent")
+        sent = self._sent.get(index, crc)
+        if cached != crc:
+            self._learnt[entry.file.identity] = crc
+            if entry.file.size >= CHECKPOINT_EVERY:  # a big file: worth a write of its own at once
+                self._flush()
+            if cached is not None:
+                logger.error(
+                    "CRC-32 cache: %r had %08x, its data gives %08x; corrected", entry.arcname, cached, crc
+                )
+        if sent != crc:  # a wrong cached value, or a file changed unseen between two reads
+            raise StreamError(f"{entry.arcname!r}: a CRC-32 that its data does not give was already sent")
 
     def _flush(self, every: int = 0) -> None:
         """Give the cache what was learnt (in batches: one write per file would be slow)."""
