@@ -161,7 +161,11 @@ def optional_settings() -> dict[str, str]:
     """Settings given only when their variable is set and this version of the middleware
     knows them (see ``ZM_TEST_COLD_RANGE_LIMIT``)."""
     known = {setting.name for setting in dataclasses.fields(Settings)}
-    names = {"ZM_TEST_COLD_RANGE_LIMIT": "cold_range_limit", "ZM_TEST_ZERO_COPY": "zero_copy"}
+    names = {
+        "ZM_TEST_COLD_RANGE_LIMIT": "cold_range_limit",
+        "ZM_TEST_ZERO_COPY": "zero_copy",
+        "ZM_TEST_DATA_DESCRIPTORS": "data_descriptors",
+    }
     return {key: os.environ[name] for name, key in names.items() if os.environ.get(name) and key in known}
 
 

@@ -156,19 +156,21 @@ def test_length_and_random_slices_match_the_full_body(tmp_path_factory, files, d
     root = tmp_path_factory.mktemp("tree")
     if len(write_generated_tree(root, files)) < 2:
         return
-    cached = client_for(root)
+    descriptors = data.draw(st.booleans(), label="data_descriptors")
+    cached = client_for(root, data_descriptors=descriptors)
     full = get(cached)
     body = full.data
     assert full.headers["Content-Length"] == str(len(body))
     read_zip(body)
-    layout = Layout(Planner(cached.application.settings).plan(ZipTarget.from_directory(root)).entries)  # type: ignore[attr-defined,union-attr]
+    plan = Planner(cached.application.settings).plan(ZipTarget.from_directory(root))  # type: ignore[attr-defined]
+    layout = Layout(plan.entries, data_descriptors=descriptors)  # type: ignore[union-attr]
     assert layout.length == len(body)
     # Offsets inside every kind of record: local headers, data, descriptors, the directory, the end.
     marks = [0, len(body) - 1, layout.directory_offset, len(body) - 22]
     for index in range(len(layout.entries)):
         marks += [layout.offsets[index] + 3, layout.data_offsets[index], layout.entry_end(index) - 5]
         marks += [layout.record_span(index)[0] + 7]
-    cold = client_for(root)  # a second middleware: its cache is empty
+    cold = client_for(root, data_descriptors=descriptors)  # a second middleware: its cache is empty
     for _ in range(6):
         start = data.draw(st.sampled_from(marks) | st.integers(0, len(body) - 1))
         start = min(max(start, 0), len(body) - 1)

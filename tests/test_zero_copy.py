@@ -63,6 +63,7 @@ def server(
     data: Path,
     *,
     zero_copy: bool = True,
+    descriptors: bool = True,
     args: tuple[str, ...] = (),
     trace: Path | None = None,
     tls: bool = False,
@@ -72,6 +73,8 @@ def server(
     environment = {"ZM_TEST_DATA": str(data), "ZM_TEST_CRC_CACHE": ":memory:"}
     if not zero_copy:
         environment["ZM_TEST_ZERO_COPY"] = "false"
+    if not descriptors:
+        environment["ZM_TEST_DATA_DESCRIPTORS"] = "false"
     return GunicornServer(
         app,
         pythonpath=[f"{TESTS},{PROJECT}"],  # gunicorn keeps only its last --pythonpath
@@ -133,6 +136,29 @@ def test_sendfile_carries_at_least_95_percent_of_a_large_stored_archive(data: Pa
     # cache's). Files under a chunk (the notes) go the ordinary way, read(2) and merged.
     big = sum(path.stat().st_size for path in (data / "big").glob("part*.bin"))
     assert counts.get("preadv2", 0) == big, counts
+
+
+def test_without_descriptors_a_cold_file_is_read_once_then_sent_from_the_page_cache(
+    data: Path, tmp_path: Path
+) -> None:
+    """data_descriptors = false: a file's CRC-32 goes in its local header, so a cold file is read
+    (for its CRC-32) before its header, then sent with sendfile without being read again; warm,
+    nothing is read. The bytes are those of the ordinary path."""
+    log = tmp_path / "strace.log"
+    with server(data, zero_copy=False, descriptors=False) as plain:
+        reference = get(plain, "/folder/big")
+    with server(data, trace=log, descriptors=False) as srv:
+        cold = get(srv, "/folder/big")
+        warm = get(srv, "/folder/big")
+    assert cold[0] == warm[0] == reference[0] == 200
+    assert cold[2] == warm[2] == reference[2]
+    assert zipfile.ZipFile(io.BytesIO(cold[2])).testzip() is None
+    counts = byte_counts(log)
+    print(f"\n2 downloads of {len(cold[2]):,} bytes: {counts}")
+    assert counts.get("sendfile", 0) >= 0.95 * 2 * len(cold[2]), counts
+    big = sum(path.stat().st_size for path in (data / "big").glob("part*.bin"))
+    # Once for the cold download; the rest of read(2) is gunicorn's start (imports), requests, notes.
+    assert big <= counts.get("read", 0) + counts.get("preadv2", 0) <= big + 16 * MIB, counts
 
 
 # -- 2. ordering: the same bytes as the ordinary path ----------------------------------------------
