@@ -116,7 +116,7 @@ def test_arcnames_of_a_plain_tree_and_of_clashes() -> None:
     assert arcnames(["d/a.txt", "d/b.txt", "e.txt"]) == ["d/a.txt", "d/b.txt", "e.txt"]
     assert arcnames(["D/a.txt", "d/A.TXT"]) == ["D/a.txt", "d/A (1).TXT"]
     assert arcnames(["d", "d/x"]) == ["d", "d (1)/x"]
-    assert arcnames(["C:evil/x", "ok/C:x"]) == ["evil/x", "ok/C:x"]
+    assert arcnames(["C:evil/x", "ok/C:x"]) == ["evil/x", "ok/C_x"]
 
 
 @pytest.mark.parametrize(

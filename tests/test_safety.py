@@ -150,6 +150,48 @@ def test_walk_with_unsafe_and_colliding_names(make_client, games: Path) -> None:
     assert sorted(entries.values()) == sorted(os.fsencode(name) for name in os.listdir(folder))
 
 
+def test_walk_gives_names_windows_and_macos_can_create(make_client, games: Path) -> None:
+    """Names a Linux disk holds but Windows cannot create or macOS takes for another's, renamed
+    (then numbered where that makes two alike), in the archive of the folder holding them."""
+    folder = games / "odd"
+    (folder / "CON").mkdir(parents=True)
+    (folder / "Pok\u00e9mon.").mkdir()
+    for rel in [
+        "CON/save.dat",
+        "CON_",
+        "nul.tar.gz",
+        "COM\u00b9.log",
+        "notes.",
+        "notes",
+        "what?.txt",
+        "what_.txt",
+        "12:30 <draft>.txt",
+        "caf\u00e9.txt",
+        "cafe\u0301.txt",
+        "Pok\u00e9mon./save.dat",
+        "...",
+    ]:
+        (folder / rel).write_bytes(rel.encode())
+    client = make_client(lambda request, name: ZipTarget.from_directory(games / name))
+    entries = read_zip(client.get("/download/odd").body)
+    # In walk order (sorted by path), each name made safe, then numbered if another took it.
+    assert {name: body.decode() for name, body in entries.items()} == {
+        "12_30 _draft_.txt": "12:30 <draft>.txt",
+        "COM\u00b9_.log": "COM\u00b9.log",
+        "CON_/save.dat": "CON/save.dat",
+        "CON_ (1)": "CON_",
+        "Pok\u00e9mon/save.dat": "Pok\u00e9mon./save.dat",
+        "_": "...",
+        "caf\u00e9.txt": "cafe\u0301.txt",
+        "caf\u00e9 (1).txt": "caf\u00e9.txt",
+        "notes": "notes",
+        "notes (1)": "notes.",
+        "nul_.tar.gz": "nul.tar.gz",
+        "what_.txt": "what?.txt",
+        "what_ (1).txt": "what_.txt",
+    }
+
+
 def test_missing_entry_is_404_before_anything_is_sent(make_client, games: Path) -> None:
     resolve = lambda request, name: ZipTarget(
         [ZipEntry("a", path=games / "doom/doom.wad"), ZipEntry("b", path=name)]

@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 from .config import Settings
 from .confinement import Opened, OutsideRootsError, WrongKindError, open_inside
 from .errors import RefusedError
-from .names import NameTable, display_name, safe_arcname
+from .names import NameTable, display_name, plain_names, safe_arcname
 from .targets import FileTarget, PathTarget, StrPath, ZipEntry, ZipTarget
 from .zipformat import DOS_MAX, DOS_MIN
 
@@ -463,45 +463,117 @@ if hasattr(os, "register_at_fork"):
 # -- entry names and dates of a walk -------------------------------------------------------
 
 
-def _plain(leaf: str) -> bool:
-    """Whether ``safe_arcname`` leaves this file name as it is, after a folder."""
-    plain = leaf.isascii() and leaf.isprintable() and leaf == leaf.strip() and "\\" not in leaf
-    return plain and leaf not in (".", "..")
+# Paths checked at once by arcnames: few enough that one name to change sends few plain ones the
+# slower way with it, many enough that the cost of each check is spread thin.
+PLAIN_CHUNK = 32
+
+
+def _plain(leaves: list[str]) -> set[str]:
+    """File names among ``leaves`` that ``safe_arcname`` leaves as they are after a folder; not
+    always all of them, since making a plain name safe gives it back unchanged.
+
+    One check of all; if it fails, halves: while one passes, the other is searched the same way
+    (one odd name costs a few checks); once both fail, no more checks (most of what is left will
+    need making safe anyway).
+    """
+    if plain_names(leaves):
+        return set(leaves)
+    found: set[str] = set()
+    while len(leaves) > 1:  # leaves fail the check
+        half = len(leaves) // 2
+        first, second = leaves[:half], leaves[half:]
+        if plain_names(first):
+            found.update(first)
+            leaves = second
+        elif plain_names(second):
+            found.update(second)
+            leaves = first
+        else:
+            break
+    return found
+
+
+def _utf8(name: str) -> bool:
+    """Whether a name from disk was valid UTF-8 (else ``safe_arcname`` decodes its whole path)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _safe_folder(folder: str) -> str | None:
     """The safe form of a folder's relative path, or None if its names must be made safe
     whole (a name that is not UTF-8 is decoded with the rest of its path)."""
-    try:
-        folder.encode("utf-8")
-    except UnicodeEncodeError:
-        return None
-    return safe_arcname(folder)
+    return safe_arcname(folder) if _utf8(folder) else None
 
 
-def arcnames(rels: Iterable[str]) -> list[str]:
-    """``NameTable().add(safe_arcname(rel))`` for each relative path in turn, computed faster.
-
-    Most names are plain ASCII in a folder already made safe, and most folders have no clash
-    (the same name ignoring case, a file named as a folder): each folder is made safe once,
-    and the name table is used only if some clash needs renaming.
-    """
-    folders: dict[str, str | None] = {}
-    names: list[str] = []
-    for rel in rels:
-        folder, _, leaf = rel.rpartition("/")
+def _safe_names(rels: list[str], folders: dict[str, str | None]) -> list[str]:
+    """``safe_arcname(rel) or "_"`` for each path: each folder made safe once (in ``folders``),
+    a plain file name kept, any other made safe within its folder's safe form (or with its whole
+    path, if either is not UTF-8)."""
+    split = [rel.rpartition("/") for rel in rels]
+    plain = _plain([leaf for _, _, leaf in split])
+    names = []
+    for rel, (folder, _, leaf) in zip(rels, split, strict=True):
         safe = folders.get(folder, "")
         if folder not in folders:
             safe = folders[folder] = _safe_folder(folder)
-        if safe is not None and _plain(leaf) and (safe or leaf[1:2] != ":"):  # "C:" only leads
-            names.append(rel if safe == folder else f"{safe}/{leaf}" if safe else leaf)
+        if safe is not None and leaf in plain:  # a plain file name has no ":": no drive letter
+            names.append((rel if safe == folder else f"{safe}/{leaf}") if safe else leaf)  # "/a" too
+        elif safe is not None and _utf8(leaf):
+            names.append(safe_arcname(leaf, within=safe) or "_")
         else:  # a file found in a folder has a name: one that was only a drive ("C:") is "_"
             names.append(safe_arcname(rel) or "_")
-    files = {name if name.isascii() and name.islower() else name.casefold() for name in names}
+    return names
+
+
+def _safe_halves(rels: list[str], folders: dict[str, str | None]) -> list[str]:
+    """:func:`_safe_names` of paths that are not all plain, keeping those found plain as they
+    are: the ASCII ones, if one check passes them all (the usual chunk that fails has a few
+    accented or NFD names), else halves, as :func:`_plain` finds them."""
+    ascii_ = [rel for rel in rels if rel.isascii()]
+    if len(ascii_) < len(rels) and plain_names(ascii_):
+        made = iter(_safe_names([rel for rel in rels if not rel.isascii()], folders))
+        return [rel if rel.isascii() else next(made) for rel in rels]
+    if len(rels) > 1:
+        half = len(rels) // 2
+        first, second = rels[:half], rels[half:]
+        if plain_names(first):
+            return first + _safe_halves(second, folders)
+        if plain_names(second):
+            return _safe_halves(first, folders) + second
+    return _safe_names(rels, folders)
+
+
+def arcnames(rels: Iterable[str]) -> list[str]:
+    """``NameTable().add(safe_arcname(rel) or "_")`` for each relative path in turn, computed faster.
+
+    Most names are plain (no rule changes them), and most folders have no clash (the same name
+    ignoring case and normalization, a file named as a folder). So paths are checked
+    PLAIN_CHUNK at a time by a few scans in C (:func:`.names.plain_names`) and kept as they are
+    if plain; in a chunk that is not, the paths that are not plain are found (see
+    :func:`_safe_halves`) and made safe with each folder made safe once. The keys that clashes
+    are found by are computed a chunk at a time too, and the name table is used only if some
+    clash needs renaming.
+    """
+    rels = list(rels)
+    folders: dict[str, str | None] = {}  # made safe: None if the whole path must be
+    names: list[str] = []
+    files: set[str] = set()  # their NameTable keys
+    for start in range(0, len(rels), PLAIN_CHUNK):
+        chunk = rels[start : start + PLAIN_CHUNK]
+        folder = chunk[0].rpartition("/")[0]
+        if folders.get(folder, folder) != folder:  # in a folder known to change: no use checking
+            chunk = _safe_names(chunk, folders)
+        elif not plain_names(chunk):
+            chunk = _safe_halves(chunk, folders)
+        names += chunk
+        files.update(NameTable.keys(chunk))
     if len(files) == len(names):
         dirs: set[str] = set()
         for folder in {name.rpartition("/")[0] for name in names}:
-            parts = folder.casefold().split("/") if folder else []
+            parts = NameTable.key(folder).split("/") if folder else []
             dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
         if files.isdisjoint(dirs):
             return names
