@@ -141,6 +141,26 @@ def _ut_extra(mtime: int) -> bytes:
     return UT_EXTRA.pack(0x5455, 5, 1, min(max(mtime, 0), UT_MAX))
 
 
+def _fields(member: Member, crc: int, compressed: int, size: int, extra: bytes) -> tuple[int, ...]:
+    """The fields that a local header and its central record share, in the order both have them
+    (version needed, flags, method, DOS time and date, CRC-32, sizes, name and extra lengths): one
+    source for both, since readers such as 7-Zip compare the two."""
+    dos_time, dos_date = dos_date_time(member.mtime)
+    flags, name = member.flags, member.name
+    return (
+        member.version,
+        flags,
+        member.method,
+        dos_time,
+        dos_date,
+        crc,
+        compressed,
+        size,
+        len(name),
+        len(extra),
+    )
+
+
 def local_header(member: Member, crc: int = 0, compressed: int = 0, size: int = 0) -> bytes:
     """The local file header.
 
@@ -156,21 +176,9 @@ def local_header(member: Member, crc: int = 0, compressed: int = 0, size: int = 
     elif compressed > ZIP64_LIMIT or size > ZIP64_LIMIT:
         raise ValueError(f"{member.name!r}: {size} bytes need a member planned with zip64")
     extra += _ut_extra(member.mtime)
-    dos_time, dos_date = dos_date_time(member.mtime)
-    header = LOCAL_HEADER.pack(
-        b"PK\x03\x04",
-        member.version,
-        member.flags,
-        member.method,
-        dos_time,
-        dos_date,
-        crc,
-        compressed,
-        size,
-        len(member.name),
-        len(extra),
+    return (
+        LOCAL_HEADER.pack(b"PK\x03\x04", *_fields(member, crc, compressed, size, extra)) + member.name + extra
     )
-    return header + member.name + extra
 
 
 def data_descriptor(member: Member, crc: int, compressed: int, size: int) -> bytes:
@@ -198,21 +206,10 @@ def central_record(member: Member, crc: int, compressed: int, size: int) -> byte
     if fields:
         extra = EXTRA_HEADER.pack(0x0001, 8 * len(fields)) + struct.pack(f"<{len(fields)}Q", *fields)
     extra += _ut_extra(member.mtime)
-    dos_time, dos_date = dos_date_time(member.mtime)
-    version = member.version
     record = CENTRAL_RECORD.pack(
         b"PK\x01\x02",
-        MADE_BY_UNIX | version,
-        version,
-        member.flags,
-        member.method,
-        dos_time,
-        dos_date,
-        crc,
-        compressed,
-        size,
-        len(member.name),
-        len(extra),
+        MADE_BY_UNIX | member.version,
+        *_fields(member, crc, compressed, size, extra),
         0,  # comment length
         0,  # disk number
         0,  # internal attributes
