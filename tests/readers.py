@@ -329,6 +329,18 @@ def extracted(reader: str, folder: Path) -> Contents:
     return contents
 
 
+def read_split(reader: str, command: list[str | Path], listing: list[tuple[str, int]]) -> Contents:
+    """:func:`split_stream` of what ``command`` writes (every entry's data, in order); the
+    command's failure, with its output, if either fails."""
+    with start(reader, command) as started:
+        try:
+            contents = split_stream(reader, started.stdout, listing)
+        except ReaderFailed as exc:
+            raise started.failure(str(exc)) from None
+        started.finish()
+    return contents
+
+
 def split_stream(reader: str, stream: IO[bytes], listing: list[tuple[str, int]]) -> Contents:
     """Hash a stream that holds every entry's data one after the other, cut at the listed sizes.
 
@@ -553,13 +565,7 @@ def info_zip(path: Path) -> Contents:
         for name, size, crc in listing:
             add(reader, contents, name, size, f"{CRC_ONLY}{crc:08x}")
         return contents
-    with start(reader, ["unzip", "-p", path]) as started:
-        try:
-            contents = split_stream(reader, started.stdout, sizes)
-        except ReaderFailed as exc:
-            raise started.failure(str(exc)) from None
-        started.finish()
-    return contents
+    return read_split(reader, ["unzip", "-p", path], sizes)
 
 
 # Lines of 7-Zip's output that mean something went wrong (it exits 0 after some of them).
@@ -620,13 +626,7 @@ def seven_zip(path: Path) -> Contents:
             if complaints:
                 raise fail(reader, f"7z x: {complaints[:5]}", result.stdout, result.stderr)
             return extracted(reader, Path(folder))
-    with start(reader, ["7z", "x", "-so", "-bd", path]) as started:
-        try:
-            contents = split_stream(reader, started.stdout, listing)
-        except ReaderFailed as exc:
-            raise started.failure(str(exc)) from None
-        started.finish()
-    return contents
+    return read_split(reader, ["7z", "x", "-so", "-bd", path], listing)
 
 
 def bsdtar_pipe(path: Path) -> Contents:

@@ -48,7 +48,8 @@ from werkzeug.http import dump_options_header
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
-_FORBIDDEN = re.compile(r'[<>:"|?*]')  # Windows's; "/" and "\\" separate names
+_WINDOWS_FORBIDDEN = '<>:"|?*'  # in a name; "/" and "\\" separate names
+_FORBIDDEN = re.compile(f"[{re.escape(_WINDOWS_FORBIDDEN)}]")
 # Windows device names, upper case: a component whose part before the first dot, less trailing
 # spaces, is one of them opens the device.
 _DEVICES = frozenset(
@@ -59,8 +60,8 @@ _DEVICES = frozenset(
 # For plain_names: the bytes a plain ASCII name may hold (printable, not forbidden), what no plain
 # name holds (an empty component, one that starts with a space or ends in a space or a dot), and
 # a device name starting a component, in any case ("ı" too: "conın$".upper() is "CONIN$").
-_PLAIN_ASCII = bytes(c for c in range(0x20, 0x7F) if chr(c) not in '<>:"|?*\\')
-_FORBIDDEN_CHARS = '<>:"|?*\\'
+_FORBIDDEN_CHARS = _WINDOWS_FORBIDDEN + "\\"
+_PLAIN_ASCII = bytes(c for c in range(0x20, 0x7F) if chr(c) not in _FORBIDDEN_CHARS)
 _BAD_ENDS = ("//", "/ ", " /", "./")
 _DEVICE_COMPONENT = re.compile(
     r"/(?:[cC][oO](?:[nN](?:[iIı][nN]\$|[oO][uU][tT]\$)?|[mM][1-9¹²³])|[pP][rR][nN]|[aA][uU][xX]|[nN][uU][lL]"

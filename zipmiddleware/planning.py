@@ -468,31 +468,6 @@ if hasattr(os, "register_at_fork"):
 PLAIN_CHUNK = 32
 
 
-def _plain(leaves: list[str]) -> set[str]:
-    """File names among ``leaves`` that ``safe_arcname`` leaves as they are after a folder; not
-    always all of them, since making a plain name safe gives it back unchanged.
-
-    One check of all; if it fails, halves: while one passes, the other is searched the same way
-    (one odd name costs a few checks); once both fail, no more checks (most of what is left will
-    need making safe anyway).
-    """
-    if plain_names(leaves):
-        return set(leaves)
-    found: set[str] = set()
-    while len(leaves) > 1:  # leaves fail the check
-        half = len(leaves) // 2
-        first, second = leaves[:half], leaves[half:]
-        if plain_names(first):
-            found.update(first)
-            leaves = second
-        elif plain_names(second):
-            found.update(second)
-            leaves = first
-        else:
-            break
-    return found
-
-
 def _utf8(name: str) -> bool:
     """Whether a name from disk was valid UTF-8 (else ``safe_arcname`` decodes its whole path)."""
     try:
@@ -513,13 +488,14 @@ def _safe_names(rels: list[str], folders: dict[str, str | None]) -> list[str]:
     a plain file name kept, any other made safe within its folder's safe form (or with its whole
     path, if either is not UTF-8)."""
     split = [rel.rpartition("/") for rel in rels]
-    plain = _plain([leaf for _, _, leaf in split])
+    all_plain = plain_names([leaf for _, _, leaf in split])  # most often: only folders change
     names = []
     for rel, (folder, _, leaf) in zip(rels, split, strict=True):
         safe = folders.get(folder, "")
         if folder not in folders:
             safe = folders[folder] = _safe_folder(folder)
-        if safe is not None and leaf in plain:  # a plain file name has no ":": no drive letter
+        # A plain file name has no ":", so no drive letter.
+        if safe is not None and (all_plain or plain_names([leaf])):
             names.append((rel if safe == folder else f"{safe}/{leaf}") if safe else leaf)  # "/a" too
         elif safe is not None and _utf8(leaf):
             names.append(safe_arcname(leaf, within=safe) or "_")
@@ -528,32 +504,14 @@ def _safe_names(rels: list[str], folders: dict[str, str | None]) -> list[str]:
     return names
 
 
-def _safe_halves(rels: list[str], folders: dict[str, str | None]) -> list[str]:
-    """:func:`_safe_names` of paths that are not all plain, keeping those found plain as they
-    are: the ASCII ones, if one check passes them all (the usual chunk that fails has a few
-    accented or NFD names), else halves, as :func:`_plain` finds them."""
-    ascii_ = [rel for rel in rels if rel.isascii()]
-    if len(ascii_) < len(rels) and plain_names(ascii_):
-        made = iter(_safe_names([rel for rel in rels if not rel.isascii()], folders))
-        return [rel if rel.isascii() else next(made) for rel in rels]
-    if len(rels) > 1:
-        half = len(rels) // 2
-        first, second = rels[:half], rels[half:]
-        if plain_names(first):
-            return first + _safe_halves(second, folders)
-        if plain_names(second):
-            return _safe_halves(first, folders) + second
-    return _safe_names(rels, folders)
-
-
 def arcnames(rels: Iterable[str]) -> list[str]:
     """``NameTable().add(safe_arcname(rel) or "_")`` for each relative path in turn, computed faster.
 
     Most names are plain (no rule changes them), and most folders have no clash (the same name
     ignoring case and normalization, a file named as a folder). So paths are checked
     PLAIN_CHUNK at a time by a few scans in C (:func:`.names.plain_names`) and kept as they are
-    if plain; in a chunk that is not, the paths that are not plain are found (see
-    :func:`_safe_halves`) and made safe with each folder made safe once. The keys that clashes
+    if plain; in a chunk that is not, each path is checked alone and made safe if need be, with
+    each folder made safe once. The keys that clashes
     are found by are computed a chunk at a time too, and the name table is used only if some
     clash needs renaming.
     """
@@ -564,10 +522,9 @@ def arcnames(rels: Iterable[str]) -> list[str]:
     for start in range(0, len(rels), PLAIN_CHUNK):
         chunk = rels[start : start + PLAIN_CHUNK]
         folder = chunk[0].rpartition("/")[0]
-        if folders.get(folder, folder) != folder:  # in a folder known to change: no use checking
+        # (in a folder known to change, no use checking the chunk whole)
+        if folders.get(folder, folder) != folder or not plain_names(chunk):
             chunk = _safe_names(chunk, folders)
-        elif not plain_names(chunk):
-            chunk = _safe_halves(chunk, folders)
         names += chunk
         files.update(NameTable.keys(chunk))
     if len(files) == len(names):

@@ -73,8 +73,7 @@ def member(
     size = entry.size
     # Without a size: no ZIP64, and so the entry may not pass ZIP64_LIMIT (see read_source).
     big = size is not None and zip64 and (size + size // 20 if deflated else size) > ZIP64_LIMIT
-    sized_file = entry.file is not None and not deflated
-    descriptor = deflated or size is None or (size > 0 and (data_descriptors or not sized_file))
+    descriptor = deflated or size is None or (size > 0 and (data_descriptors or entry.file is None))
     return Member(
         entry.arcname.encode("utf-8"),
         DEFLATED if deflated else STORED,
@@ -359,6 +358,11 @@ class Layout:
         """Where entry ``index`` (its descriptor, if it has one) ends."""
         return self.offsets[index + 1] if index + 1 < len(self.offsets) else self.directory_offset
 
+    def has_descriptor(self, index: int) -> bool:
+        """Whether a data descriptor follows entry ``index``'s data (else its local header has
+        its CRC-32)."""
+        return self.descriptor_offsets[index] < self.entry_end(index)
+
     def record_span(self, index: int) -> tuple[int, int]:
         """Where entry ``index``'s central record lies in the archive."""
         start = self.directory_offset + self.records[index]
@@ -549,7 +553,7 @@ class ZipRange:
         """Whether the range sends entry ``index``'s CRC-32 in its local header, before its data."""
         layout = self.layout
         return (
-            not layout.member(index).descriptor
+            not layout.has_descriptor(index)
             and self.start < layout.data_offsets[index]
             and self.stop > layout.offsets[index]
         )
@@ -648,7 +652,7 @@ class ZipRange:
                     yield from self._read_learning(index, low)
                 else:  # the CRC-32 is cached, or not needed here
                     yield from self._data(index, low, high)
-            if descriptor < layout.entry_end(index) and start < layout.entry_end(index) and stop > descriptor:
+            if layout.has_descriptor(index) and start < layout.entry_end(index) and stop > descriptor:
                 yield self._window(descriptor, layout.descriptor(index, self._crc(index)))
             self._flush(every=FLUSH_EVERY)
 
