@@ -47,6 +47,14 @@ def test_defaults_are_the_contracts() -> None:
         ("routes", {"/d/<x>": "no.such.module:resolve"}, "routes['/d/<x>']: cannot import"),
         ("routes", {"/d/<bad:x>": resolve}, "routes['/d/<bad:x>']: invalid rule"),
         ("chunksize", 65536, "chunksize: unknown setting"),
+        ("prefetch", 9, "prefetch: expected a number from 0 to 8"),
+        ("retries", -1, "retries: expected a number from 0 to 10"),
+        ("retry_backoff", "later", "retry_backoff: expected a number of seconds"),
+        ("on_error", "ignore", "on_error: expected one of 'abort', 'skip'"),
+        ("skipped_list_name", "../x.txt", "skipped_list_name: expected a plain file name"),
+        ("skipped_list_name", "", "skipped_list_name: expected a plain file name"),
+        ("on_entry", 42, "on_entry: expected a callable"),
+        ("on_download", "no.such.module:hook", "on_download: 'no.such.module:hook' is not importable"),
     ],
     ids=lambda v: str(v)[:30],
 )
@@ -153,6 +161,14 @@ def factory(greeting: str, times: int = 1):  # used as "tests.test_config:factor
     return resolver
 
 
+def entry_hook(event: object) -> None:  # on_entry, by reference and by name
+    pass
+
+
+def download_hook(event: object) -> None:  # on_download, by reference and by name
+    pass
+
+
 def summary(settings: Settings) -> dict[str, object]:
     """Settings as comparable values: a resolver by what it is, not by identity."""
 
@@ -197,6 +213,13 @@ def settings_by_door(door: str, tree: Path) -> Settings:
             cold_range_limit=1048576,
             zero_copy=False,
             data_descriptors=False,
+            prefetch=2,
+            retries=5,
+            retry_backoff=0.25,
+            on_error="skip",
+            skipped_list_name="missing.txt",
+            on_entry=entry_hook,
+            on_download="tests.test_config:download_hook",
         ).settings
     if door == "toml":
         config = tree / "zipmiddleware.toml"
@@ -214,6 +237,13 @@ stall_timeout = 12.5
 cold_range_limit = "1 MiB"
 zero_copy = false
 data_descriptors = false
+prefetch = 2
+retries = 5
+retry_backoff = 0.25
+on_error = "skip"
+skipped_list_name = "missing.txt"
+on_entry = "tests.test_config:entry_hook"
+on_download = "tests.test_config:download_hook"
 
 [zipmiddleware.routes]
 "/download/<int:game_id>" = "tests.test_config:resolve"
@@ -257,6 +287,13 @@ stall_timeout = 12.5
 cold_range_limit = 1MiB
 zero_copy = false
 data_descriptors = false
+prefetch = 2
+retries = 5
+retry_backoff = 0.25s
+on_error = skip
+skipped_list_name = missing.txt
+on_entry = tests.test_config:entry_hook
+on_download = tests.test_config:download_hook
 routes =
     /download/<int:game_id> = tests.test_config:resolve
     /files/<path:subpath> = {{ resolver = "directory",
@@ -287,6 +324,13 @@ routes =
             ZIPSTREAM_COLD_RANGE_LIMIT=1048576,
             ZIPSTREAM_ZERO_COPY=False,
             ZIPSTREAM_DATA_DESCRIPTORS=False,
+            ZIPSTREAM_PREFETCH=2,
+            ZIPSTREAM_RETRIES=5,
+            ZIPSTREAM_RETRY_BACKOFF=0.25,
+            ZIPSTREAM_ON_ERROR="SKIP",
+            ZIPSTREAM_SKIPPED_LIST_NAME="missing.txt",
+            ZIPSTREAM_ON_ENTRY="tests.test_config:entry_hook",
+            ZIPSTREAM_ON_DOWNLOAD=download_hook,
         )
         return Downloads().init_app(app).settings
     raise AssertionError(door)
@@ -320,7 +364,15 @@ def test_every_door_gives_the_same_settings(door: str, door_tree: Path) -> None:
         "cold_range_limit": 1048576,
         "zero_copy": False,
         "data_descriptors": False,
+        "prefetch": 2,
+        "retries": 5,
+        "retry_backoff": 0.25,
+        "on_error": "skip",
+        "skipped_list_name": "missing.txt",
+        "on_entry": entry_hook,
+        "on_download": download_hook,
         "plan_cache_entries": 200_000,  # the default: no door sets it here
+        "metrics": False,
     }
 
 

@@ -20,6 +20,7 @@ from werkzeug.utils import ImportStringError, import_string
 from .crccache import MEMORY, CrcCache, SQLiteCrcCache
 from .deployment import gunicorn_config
 from .errors import ConfigError
+from .names import safe_arcname
 from .routing import Resolver, load_resolver, rule_arguments
 
 # zlib's own bounds: 0 means "store", 1-9 are deflate levels.
@@ -80,6 +81,25 @@ class Settings:
     # header instead, for strict streaming readers (Java's ZipInputStream, stream-unzip): an
     # uncached file is then read once before it is sent (see zipengine.py).
     data_descriptors: bool = True
+    # Restartable sources (see sources.py) opened ahead of the entry being sent, by a pool of
+    # threads shared by the process; each holds at most 1 MiB until its turn (see fetching.py).
+    # 0 turns it off. 4, measured (bench/remote_sources.py): against an origin with 50 ms to its
+    # first byte it hides the wait behind the transfer, and 8 adds little.
+    prefetch: int = 4
+    # Failures in a row a restartable source may have (each waits retry_backoff x n seconds,
+    # then opens it again where it failed); ente's values. Progress starts the count again.
+    retries: int = 3
+    retry_backoff: float = 0.4
+    # "abort": a source that still fails aborts the download (nothing damaged looks complete).
+    # "skip": one that fails before its first byte is left out and listed in a last entry named
+    # skipped_list_name; such archives are sent without a Content-Length.
+    on_error: str = "abort"
+    skipped_list_name: str = "SKIPPED FILES.txt"
+    # Called with an events.EntryEvent per entry and an events.DownloadEvent per download.
+    on_entry: Callable[[Any], object] | None = None
+    on_download: Callable[[Any], object] | None = None
+    # Prometheus metrics (see metrics.py); needs prometheus_client.
+    metrics: bool = False
 
 
 def _is_str_list(value: Any) -> bool:
@@ -186,6 +206,52 @@ def _bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
     raise ConfigError(key, f"expected true or false, got {value!r}")
+
+
+def _choice(*choices: str) -> Callable[[str, Any], str]:
+    def convert(key: str, value: Any) -> str:
+        text = value.strip().lower() if isinstance(value, str) else value
+        if text not in choices:
+            raise ConfigError(key, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return str(text)
+
+    return convert
+
+
+def _entry_name(key: str, value: Any) -> str:
+    """A name for an entry the middleware adds: kept as it is in the archive, so it must be safe."""
+    if not isinstance(value, str) or not value.strip() or safe_arcname(value) != value:
+        raise ConfigError(key, f"expected a plain file name such as 'SKIPPED FILES.txt', got {value!r}")
+    return value
+
+
+def _callback(key: str, value: Any) -> Callable[[Any], object] | None:
+    """A callable, or ``"package.module:function"``; empty or None: no callback."""
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            return None
+        try:
+            value = import_string(value)
+        except ImportStringError as exc:
+            raise ConfigError(key, f"{value!r} is not importable: {exc.exception}") from None
+    if value is None or callable(value):
+        return value  # type: ignore[no-any-return]
+    raise ConfigError(key, f"expected a callable or 'package.module:function', got {value!r}")
+
+
+def _metrics(key: str, value: Any) -> bool:
+    enabled = _bool(key, value)
+    if enabled:
+        from .metrics import get_metrics
+
+        try:
+            get_metrics(True)
+        except ImportError as exc:
+            raise ConfigError(key, str(exc)) from None
+        except ConfigError as exc:  # PROMETHEUS_MULTIPROC_DIR unusable
+            raise ConfigError(key, exc.problem) from None
+    return enabled
 
 
 def _split_route_line(line: str) -> tuple[str, str]:
@@ -364,6 +430,14 @@ CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "plan_cache_entries": _int_in(0, 10**9),
     "zero_copy": _bool,
     "data_descriptors": _bool,
+    "prefetch": _int_in(0, 8),
+    "retries": _int_in(0, 10),
+    "retry_backoff": _seconds,
+    "on_error": _choice("abort", "skip"),
+    "skipped_list_name": _entry_name,
+    "on_entry": _callback,
+    "on_download": _callback,
+    "metrics": _metrics,
 }
 
 

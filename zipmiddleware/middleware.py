@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from werkzeug.http import parse_options_header
 from werkzeug.wrappers import Request, Response
 
 from .checksums import ColdCrcWork
@@ -15,6 +17,8 @@ from .connection import limit_stalls
 from .crccache import CrcCache, SQLiteCrcCache
 from .deployment import SYNC_WORKER_WARNING, check_server_at_startup, is_sync_worker_request
 from .errors import RefusedError
+from .events import COMPLETE, DownloadEvent, Report, Watched
+from .metrics import get_metrics
 from .planning import NOT_FOUND, SERVER_ERROR, FilePlan, Planner, close_sources
 from .responses import (
     ALLOWED_METHODS,
@@ -87,6 +91,9 @@ class ZipMiddleware:
         # Warned once per process about gunicorn's sync worker: when it loads the app, else at
         # the first download it serves (see deployment.py).
         self._warned_about_server = check_server_at_startup()
+        self.metrics = get_metrics(settings.metrics)
+        # Whether any download's end is reported (callbacks or metrics): else bodies go unwrapped.
+        self.reporting = bool(settings.on_download or settings.on_entry or settings.metrics)
 
     @classmethod
     def from_settings(cls, app: WSGIApplication, settings: Settings) -> ZipMiddleware:
@@ -109,12 +116,62 @@ class ZipMiddleware:
         if not self._warned_about_server and is_sync_worker_request(environ):
             self._warned_about_server = True
             logger.warning(SYNC_WORKER_WARNING, "30 s by default")
+        started = time.monotonic()
         zero_copy = ZeroCopy.offered(environ, start_response) if self.settings.zero_copy else None
-        body = self.respond(environ, match, zero_copy)(environ, start_response)
+        report = Report(self.settings.on_entry, self.settings.on_download, self.metrics)
+        response = self.respond(environ, match, zero_copy, report)
+        body: Iterable[bytes] = response(environ, start_response)
+        if self.reporting and response.status_code in (200, 206) and environ["REQUEST_METHOD"] != "HEAD":
+            body = self._watched(body, environ, match, response, report, started, zero_copy)
         # A client that stops reading must not hold this thread for ever (see connection.py).
         return limit_stalls(environ, body, self.settings.stall_timeout)
 
-    def respond(self, environ: WSGIEnvironment, match: Match, zero_copy: ZeroCopy | None = None) -> Response:
+    def _watched(
+        self,
+        body: Iterable[bytes],
+        environ: WSGIEnvironment,
+        match: Match,
+        response: Response,
+        report: Report,
+        started: float,
+        zero_copy: ZeroCopy | None,
+    ) -> Watched:
+        """``body``, telling ``on_download`` and the metrics how it ended."""
+        is_zip = response.mimetype == "application/zip"
+        # The name the client saves it under (werkzeug decodes filename*=UTF-8''...).
+        name = parse_options_header(response.headers.get("Content-Disposition", ""))[1].get("filename", "")
+        span = response.content_range
+        where = (span.start, span.stop) if span is not None and span.start is not None else None
+        total = span.length if span is not None else response.content_length
+
+        def describe(status: str, sent: int, duration: float) -> DownloadEvent:
+            entries = report.entries_done if is_zip else int(status == COMPLETE)
+            return DownloadEvent(
+                status,
+                sent,
+                entries,
+                duration,
+                match.rule,
+                environ.get("REMOTE_USER"),
+                name,
+                response.status_code,
+                where,  # type: ignore[arg-type]
+                total,
+                dict(match.args),
+            )
+
+        def produced() -> int:  # what went out around the server (see zerocopy.py), with the rest
+            return zero_copy.produced if zero_copy is not None else 0
+
+        return Watched(body, report, describe, started, produced)
+
+    def respond(
+        self,
+        environ: WSGIEnvironment,
+        match: Match,
+        zero_copy: ZeroCopy | None = None,
+        report: Report | None = None,
+    ) -> Response:
         if environ.get("REQUEST_METHOD", "GET").upper() not in ALLOWED_METHODS:
             return method_not_allowed()
         try:
@@ -132,7 +189,9 @@ class ZipMiddleware:
             plan = self.planner.plan(target, getattr(match.resolver, "confine_to", None))
             if isinstance(plan, FilePlan):
                 return file_response(plan, environ, self.settings.chunk_size, zero_copy)
-            return zip_response(plan, environ, self.settings, self.crc_cache, self.cold_work, zero_copy)
+            return zip_response(
+                plan, environ, self.settings, self.crc_cache, self.cold_work, zero_copy, report
+            )
         except RefusedError as exc:
             close_sources(target)
             level = logging.ERROR if exc.status >= 500 else logging.INFO

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .config import Settings
 from .confinement import Opened, OutsideRootsError, WrongKindError, open_inside
@@ -25,6 +25,9 @@ from .errors import RefusedError
 from .names import NameTable, display_name, plain_names, safe_arcname
 from .targets import FileTarget, PathTarget, StrPath, ZipEntry, ZipTarget
 from .zipformat import DOS_MAX, DOS_MIN
+
+if TYPE_CHECKING:
+    from .sources import RestartableSource
 
 logger = logging.getLogger("zipmiddleware")
 
@@ -161,7 +164,7 @@ class PlannedEntry:
     arcname: str
     mtime: int  # whole seconds in the DOS range (see zip_second)
     file: FileSnapshot | None = None
-    source: Iterable[bytes] | None = None
+    source: Iterable[bytes] | RestartableSource | None = None
     size: int | None = None
 
 
@@ -644,11 +647,19 @@ class Planner:
                 mtime = file.mtime if entry.mtime is None else _timestamp(entry.mtime)
                 planned.append(PlannedEntry(arcname, zip_second(mtime), file=file, size=file.size))
             else:
-                source, size = entry.source, entry.size
+                source, size, date = entry.source, entry.size, entry.mtime
                 if isinstance(source, (bytes, bytearray, memoryview)):
                     source, size = (bytes(source),), len(source)
                 assert source is not None
-                mtime = DOS_MIN if entry.mtime is None else _timestamp(entry.mtime)
+                # A restartable source (see sources.py) may know its own size and date.
+                restartable = callable(getattr(source, "open", None))
+                known_size = getattr(source, "size", None) if restartable else None
+                known_date = getattr(source, "mtime", None) if restartable else None
+                if size is None and isinstance(known_size, int):
+                    size = known_size
+                if date is None and isinstance(known_date, (int, float, datetime)):
+                    date = known_date
+                mtime = DOS_MIN if date is None else _timestamp(date)
                 planned.append(PlannedEntry(arcname, zip_second(mtime), source=source, size=size))
         return tuple(planned)
 

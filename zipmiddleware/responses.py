@@ -20,6 +20,8 @@ from .config import Settings
 from .connection import client_socket
 from .crccache import CHECKPOINT_EVERY, CrcCache
 from .errors import RefusedError, StreamError
+from .events import Report
+from .fetching import Fetcher, Policy
 from .names import content_disposition
 from .planning import NOT_FOUND, SERVER_ERROR, FilePlan, FileSnapshot, ZipPlan, close_sources, reopen
 from .types import WSGIEnvironment
@@ -181,6 +183,7 @@ def zip_response(
     crc_cache: CrcCache | None,
     cold_work: ColdCrcWork | None = None,
     zero_copy: ZeroCopy | None = None,
+    report: Report | None = None,
 ) -> Response:
     """A streamed archive. Nothing is read until the server iterates the body.
 
@@ -190,10 +193,14 @@ def zip_response(
     [0, length). Anything else (deflate, sources of unknown size) is written in one
     pass (:class:`ZipStream`), without ranges. A range whose CRC-32s would
     cost more than ``cold_range_limit`` to learn gets the whole archive (200): the
-    client then receives every byte the server reads.
+    client then receives every byte the server reads. Under ``on_error = "skip"`` an archive
+    with sources is written in one pass too: an entry left out would break a promised length.
     """
     entries = plan.entries
-    sized = settings.compression_level == 0 and all(entry.size is not None for entry in entries)
+    report = report or Report()
+    has_sources = plan.memo("sources", lambda: any(entry.source is not None for entry in entries))
+    skip = settings.skipped_list_name if settings.on_error == "skip" and has_sources else None
+    sized = settings.compression_level == 0 and not skip and all(entry.size is not None for entry in entries)
     layout = (
         plan.memo("layout", lambda: Layout(entries, settings.zip64, settings.data_descriptors))
         if sized
@@ -218,8 +225,10 @@ def zip_response(
         close_sources(plan)
         return _bodiless(outcome, validators)
 
+    policy = Policy(settings.prefetch, settings.retries, settings.retry_backoff, on_retry=report.retried)
+    fetcher = Fetcher(entries, policy) if has_sources else None
     body: ZipRange | ZipStream
-    if layout is None:  # deflated, or a source of unknown size: written in one pass
+    if layout is None:  # deflated, a source of unknown size, or skipping: written in one pass
         body = ZipStream(
             entries,
             chunk_size=settings.chunk_size,
@@ -227,6 +236,9 @@ def zip_response(
             zip64=settings.zip64,
             crc_cache=crc_cache,
             data_descriptors=settings.data_descriptors,
+            fetcher=fetcher,
+            report=report,
+            skip=skip,
         )
     else:
         present = client_presence(environ)
@@ -241,6 +253,8 @@ def zip_response(
                 cold_work=cold_work,
                 present=present,
                 zero_copy=zero_copy,
+                fetcher=fetcher,
+                report=report,
             )
 
         if outcome.status == 200:

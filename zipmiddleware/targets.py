@@ -11,12 +11,15 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    from .sources import RestartableSource
 
 logger = logging.getLogger("zipmiddleware")
 
 StrPath: TypeAlias = "str | os.PathLike[str]"
-Source: TypeAlias = "bytes | bytearray | memoryview | Iterable[bytes]"
+Source: TypeAlias = "bytes | bytearray | memoryview | Iterable[bytes] | RestartableSource"
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,14 @@ class FileTarget:
 class ZipEntry:
     """One member of an explicit :class:`ZipTarget`: a file path or a byte source.
 
-    ``source`` may be ``bytes`` or any iterable of ``bytes``; if it has a
+    ``source`` may be ``bytes``, any iterable of ``bytes``, or a restartable source
+    (an object with ``open(offset)``, such as :class:`~zipmiddleware.sources.UrlSource`:
+    fetched ahead and retried, see :mod:`zipmiddleware.fetching`); if it has a
     ``close()`` method it is called once the download ends, however it ends.
     ``size`` (if given) is checked against what the source yields; ``mtime`` is a
-    POSIX timestamp or an aware ``datetime`` and defaults to 1980-01-01, never
-    the current time, so that the archive's bytes do not depend on the clock.
+    POSIX timestamp or an aware ``datetime`` and defaults to a restartable source's
+    own ``size`` and ``mtime``, else to 1980-01-01, never the current time, so that
+    the archive's bytes do not depend on the clock.
     """
 
     arcname: str

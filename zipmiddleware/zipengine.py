@@ -26,17 +26,22 @@ What each entry's headers hold (reasons in :mod:`.zipformat` and the README):
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 from . import compression
 from .checksums import ClientGoneError, ColdCrcWork, Present, RunningCrc, always_present, crc32_combine
 from .crccache import CHECKPOINT_EVERY, Checkpoint, CrcCache, Key
 from .errors import StreamError
-from .planning import FileSnapshot, PlannedEntry, reopen
+from .events import DONE, FAILED, SKIPPED, Report
+from .fetching import EntryFailed, Fetcher, Policy
+from .names import NameTable
+from .planning import FileSnapshot, PlannedEntry, reopen, zip_second
 from .zerocopy import ZeroCopy, send_part
 from .zipformat import (
     DEFLATED,
@@ -71,7 +76,7 @@ def member(
     can be in the local header (see the module docstring).
     """
     size = entry.size
-    # Without a size: no ZIP64, and so the entry may not pass ZIP64_LIMIT (see read_source).
+    # Without a size: no ZIP64, and so the entry may not pass ZIP64_LIMIT (see fetching.checked).
     big = size is not None and zip64 and (size + size // 20 if deflated else size) > ZIP64_LIMIT
     descriptor = deflated or size is None or (size > 0 and (data_descriptors or entry.file is None))
     return Member(
@@ -153,11 +158,13 @@ def _within(sent: int, length: int | None) -> None:
 class ZipStream:
     """A WSGI body: iterate for the archive's bytes; ``close()`` releases everything.
 
-    Writes, in one pass, an archive that cannot be laid out in advance: deflated, or
-    with a source of unknown size. Nothing is opened until iteration starts, so a HEAD
-    request or a response that is never iterated reads no file data. With ``length`` the
-    body must be exactly that long. The CRC-32 of every file entry that was completed
-    goes to ``crc_cache``, also when the client goes away part-way.
+    Writes, in one pass, an archive that cannot be laid out in advance: deflated, with a
+    source of unknown size, or one whose failing sources are left out (``skip``: then
+    the archive ends with :data:`SKIPPED_LIST`'s entry naming them). Nothing is opened
+    until iteration starts, so a HEAD request or a response that is never iterated reads
+    no file data. With ``length`` the body must be exactly that long. The CRC-32 of every
+    file entry that was completed goes to ``crc_cache``, also when the client goes away
+    part-way.
     """
 
     def __init__(
@@ -170,6 +177,9 @@ class ZipStream:
         length: int | None = None,
         crc_cache: CrcCache | None = None,
         data_descriptors: bool = True,
+        fetcher: Fetcher | None = None,
+        report: Report | None = None,
+        skip: str | None = None,
     ) -> None:
         self.entries = entries
         self.chunk_size = chunk_size
@@ -178,6 +188,11 @@ class ZipStream:
         self.length = length
         self.crc_cache = crc_cache
         self.data_descriptors = data_descriptors
+        self.fetcher = fetcher or Fetcher(entries, Policy())
+        self.report = report or Report()
+        # With a name: sources that fail before their first byte are left out, and listed in
+        # an entry of that name at the end.
+        self.skip = skip
         self._readers: list[Iterator[bytes]] = []
         self._output: Iterator[bytes] | None = None
         self._learnt: dict[Key, int] = {}  # CRC-32s of files read whole, not yet given to the cache
@@ -188,18 +203,22 @@ class ZipStream:
         return self._output
 
     def _archive(self) -> Iterator[bytes]:
-        position = 0
         written: list[tuple[Member, int, int, int]] = []  # member, CRC-32, compressed size, size
+        skipped: list[tuple[str, str]] = []  # arcname, reason
+        position = 0
+        self.fetcher.warm()
         try:
-            for entry in self.entries:
-                header = member(
-                    entry,
-                    position,
-                    zip64=self.zip64,
-                    data_descriptors=self.data_descriptors,
-                    deflated=bool(self.compression_level),
-                )
-                for piece in self._entry(entry, header, written):
+            for index, entry in enumerate(self.entries):
+                begun = self._begin(index, skipped)
+                if begun is None:
+                    continue
+                entry, pieces = begun
+                for piece in self._entry(entry, position, pieces, written, index):
+                    position += len(piece)
+                    yield piece
+            if skipped:
+                listing, text = skipped_listing(self.entries, skipped, self.skip or SKIPPED_LIST)
+                for piece in self._entry(listing, position, iter((text,)), written):
                     position += len(piece)
                     yield piece
             directory = position
@@ -217,29 +236,66 @@ class ZipStream:
         finally:
             self._remember_crcs()
 
+    def _begin(
+        self, index: int, skipped: list[tuple[str, str]]
+    ) -> tuple[PlannedEntry, Iterator[bytes]] | None:
+        """Entry ``index`` (with the size its source learnt) and its data, before its header is
+        written; None if it failed and is left out."""
+        entry = self.entries[index]
+        if entry.file is not None:
+            return entry, read_file(entry.arcname, entry.file, self.chunk_size)
+        try:
+            pieces = self.fetcher.begin(index)
+        except EntryFailed as exc:
+            status = SKIPPED if self.skip else FAILED
+            self.report.entry(entry.arcname, status, 0, exc.attempts, exc.reason)
+            if not self.skip:
+                raise StreamError(str(exc)) from exc
+            logger.warning("left out of the archive: %s", exc)
+            skipped.append((entry.arcname, exc.reason))
+            return None
+        size = self.fetcher.size(index)
+        return (entry if size == entry.size else dataclasses.replace(entry, size=size)), pieces
+
     def _entry(
-        self, entry: PlannedEntry, header: Member, written: list[tuple[Member, int, int, int]]
+        self,
+        entry: PlannedEntry,
+        position: int,
+        reader: Iterator[bytes],
+        written: list[tuple[Member, int, int, int]],
+        index: int | None = None,
     ) -> Iterator[bytes]:
-        """An entry's local header, data and descriptor; what its central record needs goes to ``written``."""
+        """An entry's local header, data and descriptor; what its central record needs goes to
+        ``written``. ``index``: where it is in ``entries`` (the listing of skipped ones is not)."""
+        header = member(
+            entry,
+            position,
+            zip64=self.zip64,
+            data_descriptors=self.data_descriptors,
+            deflated=bool(self.compression_level),
+        )
         expected = None
         if not header.descriptor and entry.size:  # the CRC-32 goes first, in the local header
             assert entry.file is not None
             expected = self._file_crc(entry.arcname, entry.file)
         known = entry.size if entry.size is not None and not header.method else 0
         yield local_header(header, expected or 0, known, known)
-        reader = self._reader(entry)
         self._readers.append(reader)
         compressor = compression.compressobj(self.compression_level) if header.method else None
         crc = size = compressed = 0
-        for piece in reader:
-            crc = compression.crc32(piece, crc)
-            size += len(piece)
-            if compressor is not None:
-                piece = compressor.compress(piece)
-                if not piece:
-                    continue
-            compressed += len(piece)
-            yield piece
+        try:
+            for piece in reader:
+                crc = compression.crc32(piece, crc)
+                size += len(piece)
+                if compressor is not None:
+                    piece = compressor.compress(piece)
+                    if not piece:
+                        continue
+                compressed += len(piece)
+                yield piece
+        except StreamError:
+            self.report.entry(entry.arcname, FAILED, size, self._attempts(index))
+            raise
         if compressor is not None:
             tail = compressor.flush()
             compressed += len(tail)
@@ -254,6 +310,10 @@ class ZipStream:
         if header.descriptor:
             yield data_descriptor(header, crc, compressed, size)
         written.append((header, crc, compressed, size))
+        self.report.entry(entry.arcname, DONE, size, self._attempts(index))
+
+    def _attempts(self, index: int | None) -> int:
+        return 1 if index is None else self.fetcher.attempts.get(index, 1)
 
     def _file_crc(self, arcname: str, file: FileSnapshot) -> int:
         """A file's CRC-32 before it is sent: from the cache, else by reading it once."""
@@ -272,16 +332,28 @@ class ZipStream:
         if learnt and self.crc_cache is not None:
             self.crc_cache.put_many(learnt)
 
-    def _reader(self, entry: PlannedEntry) -> Iterator[bytes]:
-        if entry.file is not None:
-            return read_file(entry.arcname, entry.file, self.chunk_size)
-        assert entry.source is not None
-        return read_source(entry.arcname, entry.source, entry.size)
-
     def close(self) -> None:
-        """Close the output, every reader (and so every file) and every user iterable."""
-        _close_all([self._output, *self._readers, *(entry.source for entry in self.entries)])
+        """Close the output, every reader (and so every file), every fetch and every source."""
+        _close_all([self._output, *self._readers, self.fetcher])
         self._remember_crcs()  # when iteration never started or was cut short
+
+
+# The entry that lists what was left out under on_error = "skip", unless the setting names another.
+SKIPPED_LIST = "SKIPPED FILES.txt"
+
+
+def skipped_listing(
+    entries: tuple[PlannedEntry, ...], skipped: list[tuple[str, str]], name: str
+) -> tuple[PlannedEntry, bytes]:
+    """The last entry of an archive whose failing sources were left out: what and why, one per
+    line, under ``name`` (made unique among the entries' names)."""
+    names = NameTable()
+    for entry in entries:
+        names.add(entry.arcname)
+    lines = ["These files could not be included in this download:", ""]
+    lines += [f"{arcname}: {reason}" for arcname, reason in skipped]
+    text = ("\r\n".join(lines) + "\r\n").encode("utf-8")  # CRLF: Notepad too shows the lines
+    return PlannedEntry(names.add(name), zip_second(time.time()), size=len(text)), text
 
 
 def _close_all(closables: Iterable[object]) -> None:
@@ -437,6 +509,8 @@ class ZipRange:
         cold_work: ColdCrcWork | None = None,
         present: Present = always_present,
         zero_copy: ZeroCopy | None = None,
+        fetcher: Fetcher | None = None,
+        report: Report | None = None,
     ) -> None:
         if not 0 <= start < stop <= layout.length:
             raise ValueError(f"range {start}-{stop} outside an archive of {layout.length} bytes")
@@ -451,6 +525,8 @@ class ZipRange:
         self.present = present
         # Sends file data with sendfile where it can (see zerocopy.py); None: all through the server.
         self.zero_copy = zero_copy
+        self.fetcher = fetcher or Fetcher(layout.entries, Policy())
+        self.report = report or Report()
         # Admitted by cold_work.reserve(): released once the cold work is done (or at close).
         self.reserved = False
         self._cold_pending: set[int] = set()  # entries whose CRC-32 needs reading without sending
@@ -472,8 +548,9 @@ class ZipRange:
         return self._output
 
     def close(self) -> None:
-        """Close the output, every file and every source (read or not), keep what was learnt."""
-        _close_all([self._output, self._pieces, *(entry.source for entry in self.layout.entries)])
+        """Close the output, every file, every fetch and every source (read or not), keep what
+        was learnt."""
+        _close_all([self._output, self._pieces, self.fetcher])
         self._cold_done()
         if self._progress is not None:  # cut inside a file: keep what was learnt of its head
             key, running = self._progress
@@ -537,6 +614,7 @@ class ZipRange:
                 found = self.crc_cache.get_many(set(keys.values()))
                 self._cached = {index: found[key] for index, key in keys.items() if key in found}
                 self._crcs.update(self._cached)
+                self.report.metrics.crc_lookups(len(self._cached), len(keys) - len(self._cached))
             # Checkpoints matter only where a file's head must be read without being sent.
             cold = {
                 index: key
@@ -607,6 +685,7 @@ class ZipRange:
 
     def _generate(self) -> Iterator[bytes | int]:
         self._look_up()
+        self.fetcher.warm()
         try:
             yield from self._entries()
             if self.stop > self.layout.directory_offset:
@@ -633,11 +712,7 @@ class ZipRange:
                 yield self._window(offset, layout.local_header(index, crc))
             span = self._read_span(index)
             if entry.source is not None:  # the whole archive: read in full, CRC-32 on the way
-                running = RunningCrc()
-                for piece in read_source(entry.arcname, entry.source, entry.size):
-                    running.update(piece)
-                    yield piece
-                self._look_up()[index] = running.crc
+                yield from self._source(index)
             elif entry.size and span is not None:
                 assert entry.file is not None
                 low, high = span
@@ -652,9 +727,30 @@ class ZipRange:
                     yield from self._read_learning(index, low)
                 else:  # the CRC-32 is cached, or not needed here
                     yield from self._data(index, low, high)
+                if high == entry.size:
+                    self.report.entry(entry.arcname, DONE, high - low)
             if layout.has_descriptor(index) and start < layout.entry_end(index) and stop > descriptor:
                 yield self._window(descriptor, layout.descriptor(index, self._crc(index)))
             self._flush(every=FLUSH_EVERY)
+
+    def _source(self, index: int) -> Iterator[bytes]:
+        """A source's data (only ever in the whole archive), its CRC-32 learnt on the way."""
+        entry = self.layout.entries[index]
+        try:
+            pieces = self.fetcher.begin(index)
+        except EntryFailed as exc:  # a sized archive cannot leave an entry out
+            self.report.entry(entry.arcname, FAILED, 0, exc.attempts, exc.reason)
+            raise StreamError(str(exc)) from exc
+        running = RunningCrc()
+        try:
+            for piece in pieces:
+                running.update(piece)
+                yield piece
+        except StreamError:
+            self.report.entry(entry.arcname, FAILED, running.offset, self.fetcher.attempts.get(index, 1))
+            raise
+        self._look_up()[index] = running.crc
+        self.report.entry(entry.arcname, DONE, running.offset, self.fetcher.attempts.get(index, 1))
 
     def _directory(self) -> Iterator[bytes]:
         """The central records in the range, then the end records if they are in it."""
@@ -829,24 +925,3 @@ def read_file(
             yield data
     finally:
         os.close(fd)
-
-
-def read_source(arcname: str, source: Iterable[bytes], size: int | None) -> Iterator[bytes]:
-    """The source's bytes, checked against ``size``; empty pieces are dropped."""
-    # Without a size the local header is written without ZIP64, so the entry
-    # cannot pass ZIP64_LIMIT (see size_hint); stop at once rather than at the end.
-    limit = ZIP64_LIMIT if size is None else size
-    count = 0
-    for data in source:
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise StreamError(f"{arcname!r}: source yielded {type(data).__name__}, not bytes")
-        if not data:
-            continue
-        count += len(data)
-        if count > limit:
-            if size is None:
-                raise StreamError(f"{arcname!r}: a source without size= cannot pass {ZIP64_LIMIT} bytes")
-            raise StreamError(f"{arcname!r}: source yielded more than its size={size} bytes")
-        yield bytes(data)
-    if size is not None and count != size:
-        raise StreamError(f"{arcname!r}: source yielded {count} bytes, not its size={size}")
