@@ -41,6 +41,7 @@ from typing import Any
 
 from flask import Flask, abort, jsonify, render_template_string, request, url_for
 
+from zipmiddleware.events import DownloadEvent
 from zipmiddleware.flask import Downloads
 
 
@@ -132,6 +133,14 @@ def create_sample_library() -> None:
                 download_name TEXT,
                 error TEXT,
                 created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP);
+            CREATE TABLE IF NOT EXISTS completed_downloads (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                request_id INTEGER REFERENCES download_requests (id),
+                user_name TEXT NOT NULL,
+                download_name TEXT NOT NULL,
+                bytes INTEGER NOT NULL,
+                seconds REAL NOT NULL,
+                finished_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP);
             """
         )
         columns = {row["name"] for row in db.execute("PRAGMA table_info(download_requests)")}
@@ -152,6 +161,25 @@ def user_of(req: Any) -> str:
     return req.remote_user or "guest"
 
 
+def record_download(event: DownloadEvent) -> None:
+    """on_download: every download that reached its last byte becomes a completed_downloads row
+    (a resumed one counts once, when the part that ends it completes)."""
+    if event.status != "complete" or (event.range is not None and event.range[1] != event.total):
+        return
+    with closing(connect()) as db, db:
+        db.execute(
+            "INSERT INTO completed_downloads (request_id, user_name, download_name, bytes, seconds)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (
+                event.route_args.get("request_id"),
+                event.remote_user or "guest",
+                event.download_name,
+                event.bytes_sent,
+                round(event.duration, 3),
+            ),
+        )
+
+
 create_sample_library()
 app = Flask(__name__)
 app.config.update(
@@ -170,6 +198,7 @@ app.config.update(
     ZIPSTREAM_COMPRESSION_LEVEL=0,
     ZIPSTREAM_ENABLE_ZIP64=True,
     ZIPSTREAM_CRC_CACHE=str(DATA / "crc-cache.sqlite"),
+    ZIPSTREAM_ON_DOWNLOAD=record_download,
 )
 Downloads(app)
 # The middleware answers /download/... before Flask sees it; the rule is here only for url_for.

@@ -599,6 +599,18 @@ def test_demo_under_gunicorn_as_make_demo_runs_it(tmp_path: Path) -> None:
         assert status == 200 and "filename=DOOM.ZIP" in headers["Content-Disposition"]
         assert body == (data / "games" / "Doom (1993)" / "DOOM.ZIP").read_bytes()
 
+        # on_download recorded both completed downloads in the demo's database.
+        def completed() -> list[tuple[Any, ...]]:
+            with contextlib.closing(sqlite3.connect(data / "library.db")) as db:
+                query = "SELECT request_id, user_name, download_name, bytes FROM completed_downloads"
+                return db.execute(query + " ORDER BY id").fetchall()
+
+        assert wait_for(lambda: len(completed()) == 2, timeout=5), completed()
+        assert completed() == [
+            (keen["id"], "guest", "Commander Keen.zip", archive.stat().st_size),
+            (doom["id"], "guest", "DOOM.ZIP", len(body)),
+        ]
+
         big = prepare_over_http(demo, rows["Megalith"]["attrs"]["data-request-url"], "Megalith")
         response, _ = http_request(demo, "HEAD", big["download_url"])
         total = int(response.headers["Content-Length"])
