@@ -564,3 +564,65 @@ def test_url_source_without_validators_is_not_resumed(tmp_path: Path) -> None:
 def test_url_source_needs_http() -> None:
     with pytest.raises(ValueError, match="http"):
         UrlSource("file:///etc/passwd")
+
+
+class Zeros:
+    """A restartable source of ``size`` zero bytes that, like UrlSource, learns its size only
+    when it is opened."""
+
+    def __init__(self, size: int) -> None:
+        self.real_size = size
+        self.size: int | None = None
+
+    def open(self, offset: int) -> Iterator[bytes]:
+        self.size = self.real_size
+        block = bytes(MIB)
+        remaining = self.real_size - offset
+        while remaining:
+            piece = block[: min(MIB, remaining)]
+            remaining -= len(piece)
+            yield piece
+
+
+@pytest.mark.slow
+def test_unsized_restartable_source_may_pass_four_gib(tmp_path: Path) -> None:
+    """Its size is learnt before its header is written: ZIP64 fields, not a 2 GiB limit."""
+    size = 4_500_000_000
+    app = ZipMiddleware(
+        lambda environ, start_response: [],
+        routes={
+            "/big.zip": lambda request: ZipTarget([ZipEntry("zeros.bin", source=Zeros(size))], "big.zip")
+        },
+    )
+    response = Client(app).get("/big.zip")
+    assert response.content_length is None  # sized only once it was opened
+    path = tmp_path / "big.zip"
+    total = 0
+    with path.open("wb") as sparse:
+        for chunk in response.iter_encoded():
+            if chunk.count(0) == len(chunk):
+                sparse.seek(len(chunk), 1)
+            else:
+                sparse.write(chunk)
+            total += len(chunk)
+        sparse.truncate(total)
+    response.close()
+    with zipfile.ZipFile(path) as archive:
+        [info] = archive.infolist()
+        assert info.file_size == size
+        expected = zeros_crc(size)
+        assert expected == info.CRC
+    with path.open("rb") as file:
+        head = file.read(30)
+    assert head[18:26] == b"\xff" * 8  # ZIP64 sizes in the local header
+    result = run(["unzip", "-t", path], timeout=120)
+    assert result.returncode == 0 and b"No errors detected" in result.stdout, result.stdout
+
+
+def zeros_crc(size: int) -> int:
+    from zipmiddleware import compression
+
+    block, crc = bytes(MIB), 0
+    for _ in range(size // MIB):
+        crc = compression.crc32(block, crc)
+    return compression.crc32(bytes(size % MIB), crc)
