@@ -165,14 +165,24 @@ def test_changes_after_the_first_byte_abort(tmp_path: Path, change, message: str
     assert received < 250_000
 
 
-def test_sources_are_checked_against_their_size(tmp_path: Path) -> None:
+def test_sources_are_checked_against_their_size(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     for chunks, size, message in [
         ([b"abc"], 4, "yielded 3 bytes, not its size=4"),
         ([b"abc", b"de"], 4, "more than its size=4"),
         ([b"abc", "text"], None, "yielded str, not bytes"),
     ]:
-        with pytest.raises(StreamError, match=message):
-            stream(tmp_path, ZipTarget([ZipEntry("s", source=chunks, size=size)]))
+        target = ZipTarget([ZipEntry("s", source=chunks, size=size)])
+        middleware = ZipMiddleware(plain_app, routes={"/d": lambda request, target=target: target})
+        statuses: list[str] = []
+        caplog.clear()
+        body = middleware(
+            EnvironBuilder(path="/d").get_environ(),
+            lambda status, *args, statuses=statuses: statuses.append(status),
+        )
+        # Found before the status line: a short error instead of the 200; the log says why.
+        assert statuses == ["500 INTERNAL SERVER ERROR"]
+        assert b"".join(body).startswith(b"Internal Server Error")
+        assert message in caplog.text
 
 
 # -- random trees, zipped and extracted back byte-identical ---------------------------------

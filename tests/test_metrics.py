@@ -471,6 +471,7 @@ def test_the_middleware_counts_downloads_entries_and_cache_lookups(games: Path, 
         roots=[games],
         metrics=True,
         retry_backoff=0,
+        prefetch=0,  # read by the download itself: its first piece goes out before the failure
         crc_cache=":memory:",
     )
 
@@ -497,3 +498,28 @@ def test_the_middleware_counts_downloads_entries_and_cache_lookups(games: Path, 
     # 3 downloads; the folder's 6 files missed the cache once, then hit it; one retry.
     assert added == [3, sum(sizes), 3, 1, 6, 6, 0]
     assert source.opened == [0, 30_000]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["single-process-mode", "multiprocess-mode"])
+def test_several_workers_without_multiprocess_mode_are_warned_about(
+    tmp_path: Path, multiprocess: bool
+) -> None:
+    """metrics = true, 2 gunicorn workers: without PROMETHEUS_MULTIPROC_DIR each worker counts on
+    its own, which the log says when the app is loaded."""
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text("{}")
+    env = {
+        "ZM_TEST_ORIGIN": "http://127.0.0.1:9",
+        "ZM_TEST_MANIFEST": str(manifest),
+        "ZM_TEST_SETTINGS": '{"metrics": true}',
+    }
+    if multiprocess:
+        (tmp_path / "metrics").mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
+    with GunicornServer(
+        "tests.remote_app:app", pythonpath=[PROJECT], env=env, args=["--workers", "2", "--preload"]
+    ) as server:
+        log = server.log()
+    warned = "PROMETHEUS_MULTIPROC_DIR is not set" in log
+    assert warned != multiprocess, log

@@ -392,19 +392,26 @@ def test_everything_is_closed_on_early_disconnect(games: Path) -> None:
         assert open_fds() == baseline
 
 
-def test_everything_is_closed_when_a_source_fails(games: Path) -> None:
+@pytest.mark.parametrize("chunk_size", [4096, 262144], ids=["after-the-first-chunk", "within-it"])
+def test_everything_is_closed_when_a_source_fails(games: Path, chunk_size: int) -> None:
     source = RecordingSource([b"a" * 100000, b"b" * 100000], fail_after=1)
     resolve = lambda request, name: ZipTarget(  # noqa: E731
         [ZipEntry("a.pak", path=games / "quake/id1/pak0.pak"), ZipEntry("b", source=source)]
     )
-    middleware = ZipMiddleware(plain_app, routes={"/d/<name>": resolve}, roots=[games], crc_cache=":memory:")
+    middleware = ZipMiddleware(
+        plain_app, routes={"/d/<name>": resolve}, roots=[games], crc_cache=":memory:", chunk_size=chunk_size
+    )
     gc.collect()
     baseline = open_fds()
     statuses, body = call(middleware)
-    assert statuses == ["200 OK"]
-    with pytest.raises(Exception, match="upstream died"):
-        for _ in body:
-            pass
+    if chunk_size == 4096:  # the 200 went out with the first chunk: the download is aborted
+        assert statuses == ["200 OK"]
+        with pytest.raises(Exception, match="upstream died"):
+            for _ in body:
+                pass
+    else:  # found before the status line: a short error instead of the 200
+        assert statuses == ["500 INTERNAL SERVER ERROR"]
+        assert b"".join(body).startswith(b"Internal Server Error")
     body.close()
     assert source.closed and open_fds() == baseline
 

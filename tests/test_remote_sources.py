@@ -8,10 +8,12 @@ the bytes it sent.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
 import json
+import logging
 import os
 import socket
 import threading
@@ -112,7 +114,11 @@ def middleware(
 
 
 def download(app: ZipMiddleware) -> tuple[Any, bytes]:
-    response = Client(app).get("/remote.zip")
+    return download_path(app, "/remote.zip")
+
+
+def download_path(app: ZipMiddleware, path: str) -> tuple[Any, bytes]:
+    response = Client(app).get(path)
     try:
         return response, response.get_data()
     finally:
@@ -307,12 +313,27 @@ def test_an_entry_that_keeps_failing_aborts_the_download(proxy: FaultProxy, file
 
 
 def test_refusals_are_not_retried(proxy: FaultProxy, files: dict[str, bytes]) -> None:
-    name, data = next(iter(small(files).items()))
+    chosen = dict(list(small(files).items())[:2])
+    name = list(chosen)[1]
     proxy.faults[f"/{name}"] = Fault(fail_first=5, status=404)
     recorder = Recorder()
-    aborted_download(middleware(proxy, {name: data}, recorder))
+    aborted_download(middleware(proxy, chosen, recorder))
     assert len(proxy.requests_for(f"/{name}")) == 1
-    assert recorder.entries[0].error == "not found at its origin (HTTP 404)"
+    assert recorder.entries[-1].error == "not found at its origin (HTTP 404)"
+
+
+def test_a_first_entry_that_fails_gets_a_502(proxy: FaultProxy, files: dict[str, bytes]) -> None:
+    """Nothing went out yet: a short text error instead of an aborted 200."""
+    chosen = dict(list(small(files).items())[:2])
+    name = list(chosen)[0]
+    proxy.faults[f"/{name}"] = Fault(fail_first=5, status=404)
+    recorder = Recorder()
+    response, body = download(middleware(proxy, chosen, recorder))
+    assert response.status_code == 502 and response.mimetype == "text/plain"
+    assert body == b"Bad Gateway: a file of this download could not be fetched from where it is kept.\n"
+    assert b"127.0.0.1" not in body and "Content-Disposition" not in response.headers
+    [finished] = recorder.downloads
+    assert (finished.status, finished.http_status, finished.bytes_sent) == ("aborted", 502, 0)
 
 
 def test_a_file_changed_at_the_origin_is_never_spliced(
@@ -459,6 +480,21 @@ def test_close_stops_requests_still_waiting_for_their_answer(
 
 
 @pytest.mark.server
+def test_a_first_entry_that_fails_gets_a_502_from_gunicorn(
+    proxy: FaultProxy, files: dict[str, bytes], remote_server: Callable[..., GunicornServer], tmp_path: Path
+) -> None:
+    chosen = {"missing.bin": 1000, **{name: len(data) for name, data in small(files).items()}}
+    with remote_server({name: b"x" * size for name, size in chosen.items()}) as server:
+        result = run(["curl", "-sS", "-D", "-", "-o", tmp_path / "body", server.url + "/remote.zip"])
+        assert wait_for(lambda: any(e["kind"] == "DownloadEvent" for e in read_events(tmp_path)), 5)
+    head = result.stdout.decode()
+    assert head.startswith("HTTP/1.1 502") and "text/plain" in head, head
+    assert (tmp_path / "body").read_bytes().startswith(b"Bad Gateway:")
+    [finished] = [event for event in read_events(tmp_path) if event["kind"] == "DownloadEvent"]
+    assert (finished["status"], finished["http_status"], finished["bytes_sent"]) == ("aborted", 502, 0)
+
+
+@pytest.mark.server
 def test_curl_download_through_gunicorn_survives_drops(
     proxy: FaultProxy, files: dict[str, bytes], remote_server: Callable[..., GunicornServer], tmp_path: Path
 ) -> None:
@@ -470,6 +506,8 @@ def test_curl_download_through_gunicorn_survives_drops(
         result = run(["curl", "-sS", "--fail", "-o", output, server.url + "/remote.zip"], timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
     assert_good_zip(output, chosen)
+    seven = run(["7z", "t", output])
+    assert seven.returncode == 0 and b"Everything is Ok" in seven.stdout, seven.stdout
     digests = {name: hashlib.sha256(data).hexdigest() for name, data in chosen.items()}
     assert {
         name: hashlib.sha256(data).hexdigest() for name, data in contents(output.read_bytes()).items()
@@ -626,3 +664,309 @@ def zeros_crc(size: int) -> int:
     for _ in range(size // MIB):
         crc = compression.crc32(block, crc)
     return compression.crc32(bytes(size % MIB), crc)
+
+
+def test_a_request_still_connecting_when_the_download_ends_is_never_sent() -> None:
+    """A connection cannot be cancelled while it is being made; once made, it is shut down
+    before the request goes out, so the origin sees a connection closed and no request."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # a full accept queue: the next connection waits in SYN_SENT
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    time.sleep(0.2)
+    source = UrlSource(f"http://127.0.0.1:{port}/x", size=10, timeout=8)
+    fetcher = Fetcher((PlannedEntry("x.bin", 0, source=source, size=10),), Policy())
+    failures: list[BaseException] = []
+
+    def first_entry() -> None:
+        try:
+            fetcher.begin(0)
+        except Exception as exc:
+            failures.append(exc)
+
+    reader = threading.Thread(target=first_entry)
+    try:
+        reader.start()
+        time.sleep(0.5)
+        fetcher.close()
+        # Make room: the waiting connection is made when its SYN is sent again (1 s, then 3 s).
+        listener.settimeout(10)
+        received = []
+        for _ in range(8):
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                break
+            connection.settimeout(2)
+            with connection, contextlib.suppress(OSError):
+                received.append(connection.recv(1024))
+            if not reader.is_alive():
+                break
+        reader.join(10)
+        assert not reader.is_alive()
+        assert isinstance(failures[0], EntryFailed)
+        assert not any(data.startswith(b"GET") for data in received), received
+    finally:
+        listener.close()
+        for filler in fillers:
+            filler.close()
+
+
+# -- origins that break the rules ------------------------------------------------------------------
+
+
+class Scripted:
+    """An origin of one resource whose every answer is scripted: ``answers`` holds, per request in
+    turn, (status, headers, body, bytes to send before closing the connection or None for all)."""
+
+    def __init__(self, answers: list[tuple[int, dict[str, str], bytes, int | None]]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.answers = answers
+        self.requests: list[dict[str, str]] = []
+        scripted = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                scripted.requests.append({name.lower(): value for name, value in self.headers.items()})
+                status, headers, body, cut = scripted.answers.pop(0)
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                if "Transfer-Encoding" not in headers:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body if cut is None else body[:cut])
+                self.wfile.flush()
+                if cut is not None:
+                    self.close_connection = True
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/r.bin"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# Bigger than what is read ahead (1 MiB), so that a cut at CUT comes after some of the entry
+# went out: it can then only be resumed (else it would be read again from its start).
+V1, V2 = os.urandom(3_000_000), os.urandom(3_000_000)
+CUT = RESUME = 2_000_000
+
+
+def part(data: bytes, start: int) -> tuple[bytes, dict[str, str]]:
+    return data[start:], {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
+
+
+def fetch_one(origin: Scripted, size: int | None = len(V1), **settings: Any) -> tuple[Recorder, bytes | None]:
+    """The archive of the scripted resource, or None if the download was aborted."""
+    recorder = Recorder()
+
+    def resolve(request: object) -> ZipTarget:
+        return ZipTarget([ZipEntry("r.bin", source=UrlSource(origin.url, size=size))], "r.zip")
+
+    app = ZipMiddleware(
+        lambda environ, start_response: [],
+        routes={"/remote.zip": resolve},
+        on_entry=recorder,
+        on_download=recorder,
+        retry_backoff=0,
+        **settings,
+    )
+    response = Client(app).get("/remote.zip")
+    try:
+        return recorder, response.get_data()
+    except StreamError:
+        return recorder, None
+    finally:
+        response.close()
+
+
+LM1, LM2 = "Mon, 30 Nov 2026 06:00:00 GMT", "Mon, 30 Nov 2026 06:00:01 GMT"
+
+
+@pytest.mark.parametrize(
+    ("first", "resumed"),
+    [
+        # Last-Modified only, the origin ignoring If-Unmodified-Since: the answer's date differs.
+        ({"Last-Modified": LM1}, {"Last-Modified": LM2}),
+        # A strong ETag the resume's answer no longer carries (a server that ignores If-Match).
+        ({"ETag": '"a"'}, {}),
+        # A weak ETag that changed, with the same Last-Modified.
+        ({"ETag": 'W/"1"', "Last-Modified": LM1}, {"ETag": 'W/"2"', "Last-Modified": LM1}),
+    ],
+    ids=["last-modified", "etag-missing", "weak-etag"],
+)
+def test_a_resume_answered_by_another_version_is_refused(
+    first: dict[str, str], resumed: dict[str, str]
+) -> None:
+    body, span = part(V2, RESUME)
+    origin = Scripted([(200, first, V1, CUT), (206, {**resumed, **span}, body, None)])
+    try:
+        recorder, archive = fetch_one(origin)
+    finally:
+        origin.close()
+    assert archive is None  # aborted: never V1's head with V2's tail
+    assert origin.requests[1]["range"] == f"bytes={RESUME}-"
+    assert recorder.entries[-1].error == "it changed at its origin while it was read"
+
+
+def test_an_encoded_answer_is_refused() -> None:
+    origin = Scripted([(200, {"Content-Encoding": "gzip", "ETag": '"a"'}, V1[:1000], None)])
+    try:
+        recorder, archive = fetch_one(origin, size=None, on_error="skip")
+    finally:
+        origin.close()
+    assert archive is not None
+    assert contents(archive) == {
+        "SKIPPED FILES.txt": b"These files could not be included in this download:"
+        b"\r\n\r\nr.bin: its origin sent it encoded\r\n"
+    }
+    assert origin.requests[0]["accept-encoding"] == "identity"
+
+
+def test_a_range_that_stops_short_of_the_end_is_refused() -> None:
+    short = {"Content-Range": f"bytes {RESUME}-{RESUME + 99_999}/{len(V1)}", "ETag": '"a"'}
+    origin = Scripted([(200, {"ETag": '"a"'}, V1, CUT), (206, short, V1[RESUME : RESUME + 100_000], None)])
+    try:
+        _, archive = fetch_one(origin)
+    finally:
+        origin.close()
+    assert archive is None
+
+
+def test_a_body_cut_after_its_last_byte_is_complete() -> None:
+    """Every byte came, then the connection failed (a chunked body without its last chunk)."""
+    data = V1[: 2 * 262_144]  # two whole reads
+    chunked = b"%x\r\n" % len(data) + data + b"\r\n"  # no terminating 0-size chunk
+    origin = Scripted([(200, {"Transfer-Encoding": "chunked", "ETag": '"a"'}, chunked, len(chunked))])
+    try:
+        recorder, archive = fetch_one(origin, size=len(data))
+    finally:
+        origin.close()
+    assert archive is not None and contents(archive) == {"r.bin": data}
+    assert len(origin.requests) == 1 and recorder.entries[0].attempts == 1
+
+
+def test_an_entry_cut_before_any_of_it_went_out_is_read_again_without_validators() -> None:
+    """No ETag, no Last-Modified: nothing can be resumed; but an entry opened ahead and cut
+    while it waited (none of it sent yet) is read again from its start."""
+    first = Scripted([(200, {}, V1, None)])
+    second = Scripted([(200, {}, V2, 500_000), (200, {}, V2, None)])  # cut while read ahead
+    recorder = Recorder()
+
+    def resolve(request: object) -> ZipTarget:
+        entries = [
+            ZipEntry(name, source=UrlSource(origin.url, size=len(V1)))
+            for name, origin in (("one.bin", first), ("two.bin", second))
+        ]
+        return ZipTarget(entries, "r.zip")
+
+    app = ZipMiddleware(
+        lambda environ, start_response: [], routes={"/r.zip": resolve}, on_entry=recorder, retry_backoff=0
+    )
+    try:
+        _, archive = download_path(app, "/r.zip")
+    finally:
+        first.close()
+        second.close()
+    assert contents(archive) == {"one.bin": V1, "two.bin": V2}
+    assert "range" not in second.requests[1]
+    assert [event.attempts for event in recorder.entries] == [1, 2]
+
+
+def test_without_validators_a_cut_after_the_first_byte_aborts() -> None:
+    origin = Scripted([(200, {}, V1, CUT), (200, {}, V1, None)])
+    try:
+        recorder, archive = fetch_one(origin)
+    finally:
+        origin.close()
+    assert archive is None and len(origin.requests) == 1
+    assert (
+        recorder.entries[-1].error
+        == "its origin gives no ETag or Last-Modified, so it cannot be resumed safely"
+    )
+
+
+def test_a_redirect_to_another_host_carries_none_of_the_sources_headers() -> None:
+    """urllib3 drops Authorization and cookies on a cross-host redirect; every header given to
+    the source is dropped too (an API key must not reach whatever the redirect names)."""
+    target = Scripted([(200, {"ETag": '"a"'}, V1[:1000], None)])
+    # "localhost" and 127.0.0.1 are different hosts to a client, but the same server here.
+    moved = target.url.replace("127.0.0.1", "localhost")
+    redirecting = Scripted([(302, {"Location": moved}, b"", None)])
+    try:
+        source = UrlSource(redirecting.url, headers={"X-Api-Key": "secret", "Authorization": "Bearer t"})
+        assert b"".join(source.open(0)) == V1[:1000]
+        assert redirecting.requests[0]["x-api-key"] == "secret"
+        assert "x-api-key" not in target.requests[0] and "authorization" not in target.requests[0]
+        with pytest.raises(SourceError):  # redirects=0: the 302 is an answer of its own
+            UrlSource(redirecting.url, redirects=0).open(0)
+    finally:
+        target.close()
+        redirecting.close()
+
+
+def test_the_log_names_no_query_string(proxy: FaultProxy, caplog: pytest.LogCaptureFixture) -> None:
+    """A presigned URL's query is a credential: it never reaches the log."""
+    proxy.default_fault = Fault(fail_first=10)
+    recorder = Recorder()
+
+    def resolve(request: object) -> ZipTarget:
+        url = f"{proxy.url}/x.bin?X-Amz-Signature=topsecret"
+        return ZipTarget([ZipEntry("a.txt", source=b"a"), ZipEntry("x.bin", source=UrlSource(url))], "x.zip")
+
+    app = ZipMiddleware(
+        lambda environ, start_response: [],
+        routes={"/x.zip": resolve},
+        retries=1,
+        retry_backoff=0,
+        on_entry=recorder,
+    )
+    with caplog.at_level(logging.INFO, logger="zipmiddleware"):
+        response, _ = download_path(app, "/x.zip")
+    assert response.status_code == 502
+    assert "/x.bin" in caplog.text and "topsecret" not in caplog.text
+    assert recorder.entries[-1].error == "its origin is unavailable (HTTP 503)"
+
+
+class Endless:
+    """A restartable source of the user's: an endless run of 64 KiB pieces, counted."""
+
+    def __init__(self) -> None:
+        self.pieces = 0
+
+    def open(self, offset: int) -> Iterator[bytes]:
+        while True:
+            self.pieces += 1
+            yield b"x" * 65536
+
+
+def test_a_download_that_ends_stops_reading_a_users_source() -> None:
+    sources = [Endless() for _ in range(4)]
+    entries = tuple(PlannedEntry(f"e{index}", 0, source=source) for index, source in enumerate(sources))
+    fetcher = Fetcher(entries, Policy(prefetch=3))
+    pieces = fetcher.begin(0)
+    next(pieces)
+    assert wait_for(lambda: all(source.pieces for source in sources[1:]), 5)
+    fetcher.close()
+    time.sleep(0.2)
+    counts = [source.pieces for source in sources]
+    time.sleep(0.5)
+    assert [source.pieces for source in sources] == counts
+    # Read ahead: at most the buffer (1 MiB) and one piece more each.
+    assert all(source.pieces <= PREFETCH_BUFFER // 65536 + 1 for source in sources[1:])

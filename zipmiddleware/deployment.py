@@ -8,6 +8,7 @@ requests, so the arbiter kills any worker whose request takes longer than
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -60,6 +61,24 @@ def check_server_at_startup() -> bool:
         return False
     logger.warning(SYNC_WORKER_WARNING, f"{timeout} s here")
     return True
+
+
+METRICS_WARNING = (
+    "metrics = true under gunicorn with %d workers, but PROMETHEUS_MULTIPROC_DIR is not set: each "
+    "worker counts on its own and every scrape sees whichever answers; see the README's Metrics section"
+)
+
+
+def check_metrics_at_startup() -> None:
+    """Log a warning if gunicorn runs several workers without prometheus_client's multiprocess mode."""
+    try:
+        cfg = gunicorn_config()
+        workers = cfg.workers if cfg is not None else 1
+    except Exception:
+        logger.debug("could not inspect the gunicorn configuration", exc_info=True)
+        return
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        logger.warning(METRICS_WARNING, workers)
 
 
 def is_sync_worker_request(environ: WSGIEnvironment) -> bool:

@@ -40,3 +40,11 @@ class StreamError(ZipMiddlewareError):
     Raised from the body iterator, so the client sees a failed download instead
     of a truncated archive that looks complete.
     """
+
+
+class UpstreamError(StreamError):
+    """A source (a remote file) failed for good before any of its bytes went out.
+
+    Where that is before the response's first byte too, the middleware still answers with
+    a 502 instead of aborting (see :mod:`zipmiddleware.middleware`).
+    """

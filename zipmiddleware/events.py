@@ -49,6 +49,9 @@ class DownloadEvent:
     source or file failed or changed), or ``client_gone`` (the client went away first).
     ``entries``: archive entries sent whole by this response (1 for a whole file).
     ``route``, ``route_args``: the rule that matched and what it captured (``{"game_id": 7}``).
+    ``bytes_sent``: what was handed to the server and the kernel for the client; when the
+    server aborts a download, the client may have received less. ``http_status``: what the
+    client got, 502 where the first source failed before anything was sent.
     """
 
     status: str
@@ -62,6 +65,7 @@ class DownloadEvent:
     range: tuple[int, int] | None = None  # [start, stop) of a 206
     total: int | None = None  # the whole download's length, where it is known in advance
     route_args: Mapping[str, Any] = field(default_factory=dict)  # what the route's rule captured
+    skipped: int = 0  # entries left out under on_error = "skip" (and listed in the archive)
 
 
 Callback = Callable[[Any], object]
@@ -90,6 +94,7 @@ class Report:
         self.on_download = on_download
         self.metrics = metrics or Metrics()
         self.entries_done = 0
+        self.entries_skipped = 0
 
     def entry(
         self, arcname: str, status: str, sent: int, attempts: int = 1, error: str | None = None
@@ -97,6 +102,7 @@ class Report:
         if status == DONE:
             self.entries_done += 1
         else:
+            self.entries_skipped += status == SKIPPED
             self.metrics.entry_failed(skipped=status == SKIPPED)
         if self.on_entry is not None:
             safely(self.on_entry, EntryEvent(arcname, status, sent, attempts, error))
@@ -108,8 +114,8 @@ class Report:
 class Watched:
     """A download body that reports how it ended: ``on_download`` and the metrics.
 
-    It counts what goes out (with ``produced``, a callable giving the body's own count when
-    some of it is sent around the server, see :mod:`.zerocopy`), the time to the first
+    It counts what goes out (the chunks it passes on, or what ``produced`` says: the server's
+    own count, with what went around it, see :mod:`.zerocopy`), the time to the first
     chunk, and tells a complete body from one that failed (``aborted``) or that the server
     stopped iterating because the client went away (``client_gone``).
     """
@@ -118,20 +124,26 @@ class Watched:
         self,
         body: Iterable[bytes],
         report: Report,
-        describe: Callable[[str, int, float], DownloadEvent],
+        describe: Callable[[str, int, float, int], DownloadEvent],
         started: float,
+        http_status: int,
         produced: Callable[[], int] | None = None,
     ) -> None:
         self.body = body
         self.report = report
         self.describe = describe
         self.started = started
+        self.http_status = http_status
         self.produced = produced
         self.sent = 0
         self.outcome: str | None = None
         self._first = True
         self._reported = False
         report.metrics.download_started()
+
+    def refused(self, http_status: int) -> None:
+        """Nothing of it went out: the client got an error response of ``http_status`` instead."""
+        self.outcome, self.http_status = ABORTED, http_status
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -158,7 +170,7 @@ class Watched:
             if not self._reported:
                 self._reported = True
                 outcome = self.outcome or CLIENT_GONE  # closed before its end: the client left
-                sent = max(self.sent, self.produced() if self.produced is not None else 0)
+                sent = self.sent if self.produced is None else self.produced()
                 self.report.metrics.download_ended(outcome, sent)
-                event = self.describe(outcome, sent, time.monotonic() - self.started)
+                event = self.describe(outcome, sent, time.monotonic() - self.started, self.http_status)
                 safely(self.report.on_download, event)

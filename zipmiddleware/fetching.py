@@ -50,11 +50,12 @@ PREFETCH_BUFFER = 1024 * 1024
 
 
 class EntryFailed(Exception):
-    """An entry failed before any of its bytes went out; ``reason`` is safe to show."""
+    """An entry failed before any of its bytes went out because of ``error``; ``reason`` is
+    what may be shown (the message, for the log, says more)."""
 
-    def __init__(self, arcname: str, reason: str, attempts: int) -> None:
-        super().__init__(f"{arcname!r}: {reason}")
-        self.arcname, self.reason, self.attempts = arcname, reason, attempts
+    def __init__(self, arcname: str, error: BaseException, attempts: int) -> None:
+        super().__init__(f"{arcname!r}: {error} (attempts: {attempts})")
+        self.arcname, self.reason, self.attempts = arcname, public_reason(error), attempts
 
 
 class _Cancelled(Exception):
@@ -87,6 +88,7 @@ class _Opened:
     closer: object  # what close() is called on: the iterable open() returned
     buffered: deque[bytes] = field(default_factory=deque)
     received: int = 0  # bytes of the source read so far (buffered or handed on): where to resume
+    handed: bool = False  # some of it went to the archive: it can only be resumed, not restarted
     ended: bool = False  # the stream gave its last byte while buffering
     attempts: int = 1  # failures in a row so far, plus one
     error: BaseException | None = None
@@ -112,8 +114,7 @@ class Fetcher:
         self._order = [index for index, entry in enumerate(entries) if entry.source is not None]
         self._next = 0  # position in _order of the next entry the download will read
         self._ahead: dict[int, Future[_Opened]] = {}
-        self._open: set[int] = set()  # ids of the streams open now, with their closers below
-        self._closers: dict[int, object] = {}
+        self._closers: dict[int, object] = {}  # what every stream open now is closed with, by id
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
         self.attempts: dict[int, int] = {}  # entry index -> times its source was opened (or read)
@@ -129,8 +130,9 @@ class Fetcher:
         return size if isinstance(size, int) else None
 
     def warm(self) -> None:
-        """Start prefetching the first sources (an archive calls it as it starts)."""
-        self._fill_window()
+        """Start prefetching the first sources (an archive calls it as it starts); not the
+        first entry when it is a source, which the archive opens itself at once."""
+        self._fill_window(skip=int(self._order[:1] == [0]))
 
     def begin(self, index: int) -> Iterator[bytes]:
         """Entry ``index``'s bytes, checked against its size, with at least its first piece
@@ -148,13 +150,13 @@ class Fetcher:
             return self._begin_plain(entry.arcname, entry.source, entry.size)
         opened = self._take(index)
         if opened.error is not None:
-            raise EntryFailed(entry.arcname, public_reason(opened.error), opened.attempts) from opened.error
+            raise EntryFailed(entry.arcname, opened.error, opened.attempts) from opened.error
         if not opened.buffered and not opened.ended:
             # Nothing read yet (opened here, or an empty first piece): read the first piece now.
             opened = self._fill(index, opened, 1)
             if opened.error is not None:
                 error = opened.error
-                raise EntryFailed(entry.arcname, public_reason(error), opened.attempts) from error
+                raise EntryFailed(entry.arcname, error, opened.attempts) from error
         return checked(entry.arcname, self._rest(index, opened), self.size(index))
 
     def close(self) -> None:
@@ -182,16 +184,18 @@ class Fetcher:
         except StreamError:
             raise
         except Exception as exc:
-            raise EntryFailed(arcname, public_reason(exc), 1) from exc
+            raise EntryFailed(arcname, exc, 1) from exc
         return _chain(first, pieces)
 
     # -- restartable sources ------------------------------------------------------------------
 
-    def _fill_window(self) -> None:
-        """Have the next ``prefetch`` restartable sources opened ahead by the pool."""
+    def _fill_window(self, skip: int = 0) -> None:
+        """Have the next ``prefetch`` restartable sources (after ``skip`` more) opened ahead by
+        the pool."""
         if self.policy.prefetch <= 0 or self._cancelled.is_set():
             return
-        window = self._order[self._next : self._next + self.policy.prefetch]
+        first = self._next + skip
+        window = self._order[first : first + self.policy.prefetch]
         with self._lock:
             for index in window:
                 if index not in self._ahead and isinstance(self.entries[index].source, RestartableSource):
@@ -246,17 +250,24 @@ class Fetcher:
         the stream's end, or a failure, which is retried from the byte reached."""
         total = sum(len(piece) for piece in opened.buffered)
         while opened.error is None and not opened.ended and (total < limit or not opened.buffered):
-            assert opened.stream is not None
+            if self._cancelled.is_set():  # the download ended: read no more of it
+                opened = self._end(opened, _Cancelled())
+                continue
+            stream = opened.stream
+            assert stream is not None
             try:
-                piece = next(opened.stream, None)
+                piece = next(stream, None)
             except Exception as exc:
+                if opened.received and opened.received == self.size(index):  # cut after its last byte
+                    opened.ended = True
+                    continue
                 opened = self._reopen(index, opened, _Cancelled() if self._cancelled.is_set() else exc)
                 continue
             if piece is None:
                 opened.ended = True
             elif not isinstance(piece, (bytes, bytearray, memoryview)):
-                kind = type(piece).__name__
-                opened.error = SourceError(f"its source yielded {kind}, not bytes", transient=False)
+                wrong = SourceError(f"its source yielded {type(piece).__name__}, not bytes", transient=False)
+                opened = self._end(opened, wrong)
             elif piece:
                 opened.buffered.append(bytes(piece))
                 total += len(piece)
@@ -264,16 +275,26 @@ class Fetcher:
                 opened.attempts = 1
         return opened
 
-    def _reopen(self, index: int, opened: _Opened, exc: BaseException) -> _Opened:
-        """After ``opened`` failed with ``exc``: the source opened again at the byte it reached,
-        or (``error`` set) the failure that ends it."""
+    def _end(self, opened: _Opened, error: BaseException) -> _Opened:
+        """``opened`` failed for good with ``error``: its stream is closed."""
         self._untrack(opened.closer)
         _close(opened.closer)
+        opened.error, opened.stream = error, None
+        return opened
+
+    def _reopen(self, index: int, opened: _Opened, exc: BaseException) -> _Opened:
+        """After ``opened`` failed with ``exc``: the source opened again at the byte it reached,
+        or (``error`` set) the failure that ends it. While none of it was handed on, it is read
+        again from its start instead: that needs no resume (which an origin without validators
+        cannot give), so a connection opened ahead and cut while it waited costs nothing."""
         if not self._may_retry(self.entries[index].arcname, exc, opened.attempts):
-            opened.error, opened.stream = exc, None
-            return opened
+            return self._end(opened, exc)
+        self._untrack(opened.closer)
+        _close(opened.closer)
+        if not opened.handed:
+            opened.buffered, opened.received = deque(), 0
         again = self._open_at(index, opened.received, opened.attempts)
-        again.buffered, again.received = opened.buffered, opened.received
+        again.buffered, again.received, again.handed = opened.buffered, opened.received, opened.handed
         return again
 
     def _rest(self, index: int, opened: _Opened) -> Iterator[bytes]:
@@ -282,6 +303,7 @@ class Fetcher:
         try:
             while True:
                 while opened.buffered:
+                    opened.handed = True
                     yield opened.buffered.popleft()
                 if opened.ended:
                     break
@@ -301,6 +323,13 @@ class Fetcher:
     def _untrack(self, closer: object) -> None:
         with self._lock:
             self._closers.pop(id(closer), None)
+
+
+def failure_reason(exc: StreamError) -> str:
+    """What may be shown of an entry that failed part-way with ``exc``."""
+    if exc.__cause__ is not None:
+        return public_reason(exc.__cause__)
+    return "it could not be read to its end"
 
 
 def checked(arcname: str, source: Iterable[bytes], size: int | None) -> Iterator[bytes]:

@@ -15,11 +15,16 @@ from .checksums import ColdCrcWork
 from .config import Settings, build_settings, read_toml
 from .connection import limit_stalls
 from .crccache import CrcCache, SQLiteCrcCache
-from .deployment import SYNC_WORKER_WARNING, check_server_at_startup, is_sync_worker_request
-from .errors import RefusedError
+from .deployment import (
+    SYNC_WORKER_WARNING,
+    check_metrics_at_startup,
+    check_server_at_startup,
+    is_sync_worker_request,
+)
+from .errors import RefusedError, StreamError, UpstreamError
 from .events import COMPLETE, DownloadEvent, Report, Watched
 from .metrics import get_metrics
-from .planning import NOT_FOUND, SERVER_ERROR, FilePlan, Planner, close_sources
+from .planning import NOT_FOUND, SERVER_ERROR, UPSTREAM_FAILED, FilePlan, Planner, close_sources
 from .responses import (
     ALLOWED_METHODS,
     file_response,
@@ -32,6 +37,7 @@ from .routing import Match, Resolver, RouteTable
 from .targets import Failed, Pending, interpret
 from .types import StartResponse, WSGIApplication, WSGIEnvironment
 from .zerocopy import ZeroCopy
+from .zipengine import Body
 
 logger = logging.getLogger("zipmiddleware")
 
@@ -92,6 +98,8 @@ class ZipMiddleware:
         # the first download it serves (see deployment.py).
         self._warned_about_server = check_server_at_startup()
         self.metrics = get_metrics(settings.metrics)
+        if settings.metrics:
+            check_metrics_at_startup()
         # Whether any download's end is reported (callbacks or metrics): else bodies go unwrapped.
         self.reporting = bool(settings.on_download or settings.on_entry or settings.metrics)
 
@@ -120,11 +128,41 @@ class ZipMiddleware:
         zero_copy = ZeroCopy.offered(environ, start_response) if self.settings.zero_copy else None
         report = Report(self.settings.on_entry, self.settings.on_download, self.metrics)
         response = self.respond(environ, match, zero_copy, report)
+        download = response.status_code in (200, 206) and environ.get("REQUEST_METHOD") != "HEAD"
+        if download and isinstance(response.response, Body):
+            failed = self._first_chunk(response.response)
+            if failed is not None:  # nothing went out yet: an error response instead
+                if self.reporting:
+                    watched = self._watched((), environ, match, response, report, started, None)
+                    watched.refused(failed.status_code)
+                    watched.close()
+                return failed(environ, start_response)
         body: Iterable[bytes] = response(environ, start_response)
-        if self.reporting and response.status_code in (200, 206) and environ["REQUEST_METHOD"] != "HEAD":
+        if self.reporting and download:
             body = self._watched(body, environ, match, response, report, started, zero_copy)
         # A client that stops reading must not hold this thread for ever (see connection.py).
         return limit_stalls(environ, body, self.settings.stall_timeout)
+
+    @staticmethod
+    def _first_chunk(archive: Body) -> Response | None:
+        """Have ``archive`` make its first chunk now, before the status line goes out; if that
+        fails, the response to send instead.
+
+        An archive that fails before anything of it could go out (its first entry is a source
+        that cannot be fetched, or a file that vanished) then gets an error response with a
+        short text, 502 for a source, rather than a 200 whose connection is aborted. It costs
+        nothing: the server waits for the first chunk to send the status line anyway. (Made
+        before the server has the status, the first chunk's file data goes through it, not
+        around it: see zerocopy.py; later chunks go around it as ever.)
+        """
+        try:
+            archive.prime()
+        except StreamError as exc:
+            archive.close()
+            if isinstance(exc, UpstreamError):
+                return text_response(502, UPSTREAM_FAILED)
+            return text_response(500, SERVER_ERROR)
+        return None
 
     def _watched(
         self,
@@ -144,7 +182,7 @@ class ZipMiddleware:
         where = (span.start, span.stop) if span is not None and span.start is not None else None
         total = span.length if span is not None else response.content_length
 
-        def describe(status: str, sent: int, duration: float) -> DownloadEvent:
+        def describe(status: str, sent: int, duration: float, http_status: int) -> DownloadEvent:
             entries = report.entries_done if is_zip else int(status == COMPLETE)
             return DownloadEvent(
                 status,
@@ -154,16 +192,16 @@ class ZipMiddleware:
                 match.rule,
                 environ.get("REMOTE_USER"),
                 name,
-                response.status_code,
-                where,  # type: ignore[arg-type]
+                http_status,
+                where if http_status == 206 else None,  # type: ignore[arg-type]
                 total,
                 dict(match.args),
+                report.entries_skipped,
             )
 
-        def produced() -> int:  # what went out around the server (see zerocopy.py), with the rest
-            return zero_copy.produced if zero_copy is not None else 0
-
-        return Watched(body, report, describe, started, produced)
+        # gunicorn's own count of what it wrote, with what went around it (see zerocopy.py).
+        sent = (lambda: zero_copy.sent) if zero_copy is not None else None
+        return Watched(body, report, describe, started, response.status_code, sent)
 
     def respond(
         self,

@@ -58,6 +58,7 @@ _CHECK_FOLDER = (getattr(os, "O_PATH", 0) or os.O_RDONLY) | os.O_DIRECTORY | os.
 NOT_FOUND = "Not Found: this download does not exist."
 FORBIDDEN = "Forbidden: this download is not available."
 SERVER_ERROR = "Internal Server Error: this download cannot be served right now."
+UPSTREAM_FAILED = "Bad Gateway: a file of this download could not be fetched from where it is kept."
 
 
 def zip_second(mtime: float) -> int:
@@ -193,7 +194,10 @@ def close_sources(target: object) -> None:
     for entry in getattr(target, "entries", ()):
         close = getattr(entry.source, "close", None)
         if callable(close):
-            close()
+            try:
+                close()
+            except Exception:  # keep closing the rest; the response is decided already
+                logger.exception("error while closing the source of %r", entry.arcname)
 
 
 T = TypeVar("T")

@@ -25,17 +25,23 @@ import logging
 import os
 import socket
 import threading
+import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.util.retry import Retry
 
 logger = logging.getLogger("zipmiddleware")
 
 # Bytes per read from an HTTP response: the pieces an entry is made of.
 READ_SIZE = 256 * 1024
+
+# The longest wait for a connection to be made (a connection being made cannot be cancelled;
+# a download that ends meanwhile holds its fetch thread at most this long).
+CONNECT_TIMEOUT = 10.0
 
 # Statuses worth another try: the origin may answer later (RFC 9110 15.5.9, 6585 4, 15.6).
 TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -55,9 +61,10 @@ class SourceError(Exception):
     path); ``transient`` says whether trying again may help."""
 
     def __init__(self, reason: str, *, transient: bool = True, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+        super().__init__(f"{reason} ({detail})" if detail else reason)
         self.reason = reason
         self.transient = transient
+        self.detail = detail
 
 
 def public_reason(exc: BaseException) -> str:
@@ -65,8 +72,30 @@ def public_reason(exc: BaseException) -> str:
     if isinstance(exc, SourceError):
         return exc.reason
     if isinstance(exc, (OSError, urllib3.exceptions.HTTPError)):
-        return "the connection to its origin failed"
+        return connection_failure(exc)
     return "it could not be read"
+
+
+def connection_failure(exc: BaseException) -> str:
+    """A network error, in words that name no host."""
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        exc = exc.reason
+    if isinstance(exc, (TimeoutError, urllib3.exceptions.TimeoutError)):
+        return "its origin did not answer in time"
+    return "the connection to its origin failed"
+
+
+def described(exc: BaseException) -> str:
+    """``exc`` for the log, without the URL urllib3 puts in some messages (a presigned URL's
+    query is a credential)."""
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        exc = exc.reason
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _without_query(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -83,14 +112,23 @@ _requesting = threading.local()  # the UrlStream whose request this thread is se
 
 
 class _Tracked:
-    """Mixed into urllib3's connections: the stream being opened learns its connection as the
-    request is sent, so that it can shut the socket down while the response is awaited."""
+    """Mixed into urllib3's connections: the stream being opened learns its connection once it
+    is connected and as the request is sent, so that it can shut the socket down while the
+    response is awaited (a stream closed while connecting shuts it down as soon as it is)."""
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        _attach(self)
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
-        stream = getattr(_requesting, "stream", None)
-        if stream is not None:
-            stream.attach(self)
+        _attach(self)
         return super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+def _attach(connection: Any) -> None:
+    stream = getattr(_requesting, "stream", None)
+    if stream is not None:
+        stream.attach(connection)
 
 
 class _HTTPConnection(_Tracked, HTTPConnection):
@@ -140,13 +178,28 @@ class UrlSource:
     ``size`` and ``mtime`` given here decide the entry's header; with a ``size`` a stored
     archive gets its exact Content-Length. Without one the size is learnt from the first
     response (Content-Length), in time for the entry's local header when the archive is
-    written in one pass. The first response's ``ETag`` (a strong one), else its
-    ``Last-Modified``, becomes the validator: every later request (a retry, a resume at an
-    offset with ``Range``) sends it as ``If-Match`` (else ``If-Unmodified-Since``), so a
-    resource that changed answers 412 and the entry fails rather than splicing two versions.
-    An origin that gives no validator cannot be resumed part-way; one that ignores ``Range``
-    neither. ``headers`` go with every request (an ``Authorization``, say); ``timeout`` is
-    the connect and the read timeout in seconds.
+    written in one pass.
+
+    The first response's ``ETag`` and ``Last-Modified`` are the version read. Every later
+    request (a retry, a resume at an offset with ``Range``) asks for that version: with
+    ``If-Match`` (a strong ETag), else ``If-Unmodified-Since``; and every later answer must
+    carry the same ETag and Last-Modified, else the entry fails rather than splice two
+    versions (a 412 ends it the same way). So a resume is only as safe as the origin's
+    validators: nginx's ETag, for one, is the mtime in whole seconds and the size, and cannot
+    tell apart two versions of the same size written within the same second. An origin that
+    gives neither a strong ETag nor a Last-Modified is not resumed part-way (an entry none of
+    which was sent yet is read again from its start instead); one that ignores ``Range``
+    neither; one that answers with a ``Content-Encoding`` is refused (the bytes would not be
+    the resource's).
+
+    ``headers`` go with every request (an ``Authorization``, say); on a redirect to another
+    host none of them do (urllib3 already drops ``Authorization`` and cookies; here every
+    header given is). ``redirects`` is how many redirects are followed (0: none). ``timeout``
+    is the read timeout of each attempt in seconds, and the connect timeout too up to
+    :data:`CONNECT_TIMEOUT`.
+
+    A UrlSource holds the state of the download it is in (the version read, the responses
+    open): make a new one for each request in the resolver, never share one between requests.
     """
 
     def __init__(
@@ -157,6 +210,7 @@ class UrlSource:
         mtime: float | None = None,
         *,
         timeout: float = 30.0,
+        redirects: int = 5,
     ) -> None:
         if not url.lower().startswith(("http://", "https://")):
             raise ValueError(f"UrlSource needs an http:// or https:// URL, got {url!r}")
@@ -167,6 +221,8 @@ class UrlSource:
         self.size = size
         self.mtime = mtime
         self.timeout = timeout
+        self.redirects = redirects
+        # The version read, from the first answer (None until then; "" where it had none).
         self.etag: str | None = None
         self.last_modified: str | None = None
         self._lock = threading.Lock()
@@ -176,19 +232,23 @@ class UrlSource:
         return f"UrlSource({self.url!r}, size={self.size!r})"
 
     @property
-    def validator(self) -> str | None:
-        """What proves a later response is of the same version: the ETag, else Last-Modified."""
-        return self.etag or self.last_modified
+    def strong_etag(self) -> str | None:
+        return self.etag if self.etag and not self.etag.startswith("W/") else None
+
+    @property
+    def resumable(self) -> bool:
+        """Whether a later request can ask for the very version read (see the class doc)."""
+        return bool(self.strong_etag or self.last_modified)
 
     def open(self, offset: int = 0) -> UrlStream:
         """The resource's bytes from ``offset``; :class:`SourceError` for a refusal."""
         headers = {**self.headers, "Accept-Encoding": "identity"}
-        if self.etag:
-            headers["If-Match"] = self.etag
+        if self.strong_etag:
+            headers["If-Match"] = self.strong_etag
         elif self.last_modified:
             headers["If-Unmodified-Since"] = self.last_modified
         if offset:
-            if self.validator is None:
+            if not self.resumable:
                 raise SourceError(
                     "its origin gives no ETag or Last-Modified, so it cannot be resumed safely",
                     transient=False,
@@ -229,16 +289,21 @@ class UrlSource:
         if status != (206 if offset else 200):
             raise SourceError(f"its origin answered HTTP {status}", transient=False)
         headers = response.headers
-        etag = headers.get("ETag")
-        if etag and not etag.startswith("W/"):
-            if self.etag is not None and etag != self.etag:
-                raise SourceError("it changed at its origin while it was read", transient=False)
-            self.etag = etag
-        if self.last_modified is None and headers.get("Last-Modified"):
-            self.last_modified = headers["Last-Modified"]
-            if self.mtime is None:
+        encoding = headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            raise SourceError("its origin sent it encoded", transient=False, detail=encoding)
+        etag, modified = headers.get("ETag", ""), headers.get("Last-Modified", "")
+        if self.etag is None or self.last_modified is None:  # the first answer: the version read
+            self.etag, self.last_modified = etag, modified
+            if self.mtime is None and modified:
                 with contextlib.suppress(TypeError, ValueError):
-                    self.mtime = email.utils.parsedate_to_datetime(self.last_modified).timestamp()
+                    self.mtime = email.utils.parsedate_to_datetime(modified).timestamp()
+        elif (etag, modified) != (self.etag, self.last_modified):  # also where one went missing
+            raise SourceError(
+                "it changed at its origin while it was read",
+                transient=False,
+                detail=f"ETag {etag!r}, Last-Modified {modified!r}",
+            )
         total = _total_size(headers, offset)
         if total is not None:
             if self.size is not None and total != self.size:
@@ -258,8 +323,13 @@ def _total_size(headers: Any, offset: int) -> int | None:
     content_range = headers.get("Content-Range", "")
     unit, _, spec = content_range.partition(" ")
     span, _, total = spec.partition("/")
-    first = span.partition("-")[0]
-    if unit.lower() != "bytes" or not first.isdigit() or int(first) != offset:
+    first, _, last = span.partition("-")
+    if (
+        unit.lower() != "bytes"
+        or not (first.isdigit() and last.isdigit())
+        or int(first) != offset
+        or (total.isdigit() and int(last) != int(total) - 1)  # not to the end
+    ):
         raise SourceError("its origin answered another range", transient=False, detail=content_range)
     return int(total) if total.isdigit() else None
 
@@ -284,23 +354,39 @@ class UrlStream:
             self._shut_down()
 
     def start(self, headers: dict[str, str]) -> None:
+        source = self.source
+        # Headers of the caller's go to no other host than the URL's (see UrlSource).
+        private = Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT | {name.lower() for name in source.headers}
+        retries = Retry(
+            total=None,
+            connect=0,
+            read=0,
+            status=0,
+            other=0,
+            redirect=source.redirects,
+            raise_on_redirect=True,
+            remove_headers_on_redirect=private,
+        )
         _requesting.stream = self
         try:
+            if self._closed:
+                raise OSError("closed before it was sent")
             response = pool_manager().request(
                 "GET",
-                self.source.url,
+                source.url,
                 headers=headers,
                 preload_content=False,
                 decode_content=False,
-                redirect=True,
-                retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5),
-                timeout=urllib3.Timeout(connect=self.source.timeout, read=self.source.timeout),
+                redirect=source.redirects > 0,
+                retries=retries,
+                timeout=urllib3.Timeout(connect=min(source.timeout, CONNECT_TIMEOUT), read=source.timeout),
             )
         except (OSError, urllib3.exceptions.HTTPError) as exc:
-            self.source._done(self)
+            source._done(self)
             if self._closed:
                 raise SourceError("the download ended", transient=False) from None
-            raise SourceError("the connection to its origin failed", detail=repr(exc)) from None
+            detail = f"{_without_query(source.url)}: {described(exc)}"
+            raise SourceError(connection_failure(exc), detail=detail) from None
         finally:
             _requesting.stream = None
         with self._lock:
@@ -312,9 +398,10 @@ class UrlStream:
             raise SourceError("the download ended", transient=False)
         try:
             self.source.learn(response, self.offset)
-        except SourceError:
+        except SourceError as exc:
             self.close()
-            raise
+            where = _without_query(source.url) + (f": {exc.detail}" if exc.detail else "")
+            raise SourceError(exc.reason, transient=exc.transient, detail=where) from None
 
     def __iter__(self) -> Iterator[bytes]:
         response = self._response
@@ -330,7 +417,8 @@ class UrlStream:
         except (OSError, urllib3.exceptions.HTTPError) as exc:
             if self._closed:
                 raise SourceError("the download ended", transient=False) from None
-            raise SourceError("the connection to its origin failed", detail=repr(exc)) from None
+            detail = f"{_without_query(self.source.url)}: {described(exc)}"
+            raise SourceError(connection_failure(exc), detail=detail) from None
         finally:
             self._finish(complete)
 

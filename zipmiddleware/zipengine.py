@@ -29,22 +29,23 @@ import bisect
 import dataclasses
 import functools
 import hashlib
+import itertools
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator
 
 from . import compression
 from .checksums import ClientGoneError, ColdCrcWork, Present, RunningCrc, always_present, crc32_combine
 from .crccache import CHECKPOINT_EVERY, Checkpoint, CrcCache, Key
-from .errors import StreamError
+from .errors import StreamError, UpstreamError
 from .events import DONE, FAILED, SKIPPED, Report
-from .fetching import EntryFailed, Fetcher, Policy
+from .fetching import EntryFailed, Fetcher, Policy, failure_reason
 from .names import NameTable
-from .planning import FileSnapshot, PlannedEntry, reopen, zip_second
+from .planning import FileSnapshot, PlannedEntry, reopen
 from .zerocopy import ZeroCopy, send_part
 from .zipformat import (
     DEFLATED,
+    DOS_MIN,
     STORED,
     ZIP64_LIMIT,
     Member,
@@ -155,7 +156,35 @@ def _within(sent: int, length: int | None) -> None:
         raise StreamError(f"archive longer than its promised {length} bytes")
 
 
-class ZipStream:
+class Body:
+    """What both archive bodies share: their chunks are made once, by ``_chunks()``, and the
+    first may be made ahead with :meth:`prime` (see the middleware), kept, and sent first."""
+
+    _output: Iterator[bytes] | None = None
+    _first: bytes | None = None
+
+    def _chunks(self) -> Iterator[bytes]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._output is None:
+            self._output = self._chunks()
+        if self._first is not None:
+            first, self._first = self._first, None
+            return itertools.chain((first,), self._output)
+        return self._output
+
+    def prime(self) -> None:
+        """Make the first chunk now: a failure before anything went out raises here."""
+        if self._output is None:
+            self._output = self._chunks()
+        self._first = next(self._output, None)
+
+
+class ZipStream(Body):
     """A WSGI body: iterate for the archive's bytes; ``close()`` releases everything.
 
     Writes, in one pass, an archive that cannot be laid out in advance: deflated, with a
@@ -197,10 +226,8 @@ class ZipStream:
         self._output: Iterator[bytes] | None = None
         self._learnt: dict[Key, int] = {}  # CRC-32s of files read whole, not yet given to the cache
 
-    def __iter__(self) -> Iterator[bytes]:
-        if self._output is None:
-            self._output = merged(self._archive(), self.chunk_size, self.length)
-        return self._output
+    def _chunks(self) -> Iterator[bytes]:
+        return merged(self._archive(), self.chunk_size, self.length)
 
     def _archive(self) -> Iterator[bytes]:
         written: list[tuple[Member, int, int, int]] = []  # member, CRC-32, compressed size, size
@@ -250,7 +277,7 @@ class ZipStream:
             status = SKIPPED if self.skip else FAILED
             self.report.entry(entry.arcname, status, 0, exc.attempts, exc.reason)
             if not self.skip:
-                raise StreamError(str(exc)) from exc
+                raise UpstreamError(str(exc)) from exc
             logger.warning("left out of the archive: %s", exc)
             skipped.append((entry.arcname, exc.reason))
             return None
@@ -293,8 +320,8 @@ class ZipStream:
                         continue
                 compressed += len(piece)
                 yield piece
-        except StreamError:
-            self.report.entry(entry.arcname, FAILED, size, self._attempts(index))
+        except StreamError as exc:
+            self.report.entry(entry.arcname, FAILED, size, self._attempts(index), failure_reason(exc))
             raise
         if compressor is not None:
             tail = compressor.flush()
@@ -353,7 +380,9 @@ def skipped_listing(
     lines = ["These files could not be included in this download:", ""]
     lines += [f"{arcname}: {reason}" for arcname, reason in skipped]
     text = ("\r\n".join(lines) + "\r\n").encode("utf-8")  # CRLF: Notepad too shows the lines
-    return PlannedEntry(names.add(name), zip_second(time.time()), size=len(text)), text
+    # Dated as the newest entry, as an archive's bytes never depend on the clock.
+    newest = max((entry.mtime for entry in entries), default=DOS_MIN)
+    return PlannedEntry(names.add(name), newest, size=len(text)), text
 
 
 def _close_all(closables: Iterable[object]) -> None:
@@ -483,7 +512,7 @@ def archive_validators(
     return "zip-" + digest.hexdigest()[:40], newest
 
 
-class ZipRange:
+class ZipRange(Body):
     """Bytes ``[start, stop)`` of the archive a :class:`Layout` describes: a WSGI body.
 
     The full download is the range ``[0, length)``. File data is read only for the
@@ -539,13 +568,11 @@ class ZipRange:
         self._pieces: Iterator[bytes | int] | None = None
         self._output: Iterator[bytes] | None = None
 
-    def __iter__(self) -> Iterator[bytes]:
-        if self._output is None:
-            self._pieces = self._generate()
-            length = self.stop - self.start
-            pieces = self._pieces if self.zero_copy is None else self.zero_copy.counted(self._pieces, length)
-            self._output = merged(pieces, self.chunk_size, length)
-        return self._output
+    def _chunks(self) -> Iterator[bytes]:
+        self._pieces = self._generate()
+        length = self.stop - self.start
+        pieces = self._pieces if self.zero_copy is None else self.zero_copy.counted(self._pieces, length)
+        return merged(pieces, self.chunk_size, length)
 
     def close(self) -> None:
         """Close the output, every file, every fetch and every source (read or not), keep what
@@ -693,7 +720,9 @@ class ZipRange:
         except StreamError as exc:
             # A client that went away is no error of the server's (and may be frequent).
             level = logging.INFO if isinstance(exc, ClientGoneError) else logging.ERROR
-            logger.log(level, "range aborted: %s", exc)
+            whole = (self.start, self.stop) == (0, self.layout.length)
+            what = "download" if whole else f"range {self.start}-{self.stop - 1}"
+            logger.log(level, "%s aborted: %s", what, exc)
             raise
 
     def _entries(self) -> Iterator[bytes | int]:
@@ -740,14 +769,15 @@ class ZipRange:
             pieces = self.fetcher.begin(index)
         except EntryFailed as exc:  # a sized archive cannot leave an entry out
             self.report.entry(entry.arcname, FAILED, 0, exc.attempts, exc.reason)
-            raise StreamError(str(exc)) from exc
+            raise UpstreamError(str(exc)) from exc
         running = RunningCrc()
         try:
             for piece in pieces:
                 running.update(piece)
                 yield piece
-        except StreamError:
-            self.report.entry(entry.arcname, FAILED, running.offset, self.fetcher.attempts.get(index, 1))
+        except StreamError as exc:
+            attempts = self.fetcher.attempts.get(index, 1)
+            self.report.entry(entry.arcname, FAILED, running.offset, attempts, failure_reason(exc))
             raise
         self._look_up()[index] = running.crc
         self.report.entry(entry.arcname, DONE, running.offset, self.fetcher.attempts.get(index, 1))
