@@ -125,14 +125,21 @@ def test_entries_and_crc_cache(registry: CollectorRegistry, counted: PrometheusM
     assert value(registry, "crc_cache_lookups_total", result="miss") == 2
 
 
+METHODS = {"download_started", "download_ended", "first_byte", "entry_retried", "entry_failed", "crc_lookups"}
+
+
+def call_every_method(metrics: Metrics) -> None:
+    metrics.download_started()
+    metrics.download_ended("complete", 10)
+    metrics.first_byte(0.5)
+    metrics.entry_retried()
+    metrics.entry_failed(True)
+    metrics.crc_lookups(1, 2)
+
+
 def test_the_null_metrics_do_nothing() -> None:
     nothing = Metrics()
-    nothing.download_started()
-    nothing.download_ended("complete", 10)
-    nothing.first_byte(0.5)
-    nothing.entry_retried()
-    nothing.entry_failed(True)
-    nothing.crc_lookups(1, 2)
+    call_every_method(nothing)
     assert vars(nothing) == {}
 
 
@@ -145,14 +152,7 @@ def test_both_classes_have_the_same_methods() -> None:
         }
 
     assert public(PrometheusMetrics) == public(Metrics)
-    assert set(public(Metrics)) == {
-        "download_started",
-        "download_ended",
-        "first_byte",
-        "entry_retried",
-        "entry_failed",
-        "crc_lookups",
-    }
+    assert set(public(Metrics)) == METHODS
 
 
 # -- nothing raises ----------------------------------------------------------------------
@@ -190,20 +190,8 @@ def test_every_method_swallows_errors(registry: CollectorRegistry, caplog: pytes
         broken: Any = {key: Broken() for key in current} if isinstance(current, dict) else Broken()
         setattr(counted, attribute, broken)
     with caplog.at_level(logging.WARNING, logger="zipmiddleware"):
-        counted.download_started()
-        counted.download_ended("complete", 10)
-        counted.first_byte(0.5)
-        counted.entry_retried()
-        counted.entry_failed(True)
-        counted.crc_lookups(1, 2)
-    assert {r.getMessage().split()[1] for r in caplog.records} == {
-        "download_started",
-        "download_ended",
-        "first_byte",
-        "entry_retried",
-        "entry_failed",
-        "crc_lookups",
-    }
+        call_every_method(counted)
+    assert {r.getMessage().split()[1] for r in caplog.records} == METHODS
 
 
 def test_bad_arguments_are_logged_not_raised(

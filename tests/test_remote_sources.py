@@ -446,6 +446,21 @@ def test_client_gone_stops_every_fetch_within_a_second(
     assert finished["status"] == "client_gone"
 
 
+def begin_in_thread(fetcher: Fetcher) -> tuple[threading.Thread, list[BaseException]]:
+    """The download's thread, beginning the first entry; what it raised goes to the list."""
+    failures: list[BaseException] = []
+
+    def first_entry() -> None:
+        try:
+            fetcher.begin(0)
+        except Exception as exc:
+            failures.append(exc)
+
+    reader = threading.Thread(target=first_entry)
+    reader.start()
+    return reader, failures
+
+
 def test_close_stops_requests_still_waiting_for_their_answer(
     proxy: FaultProxy, files: dict[str, bytes]
 ) -> None:
@@ -457,16 +472,7 @@ def test_close_stops_requests_still_waiting_for_their_answer(
         for name, data in big(files).items()
     )
     fetcher = Fetcher(entries, Policy(prefetch=4))
-    failures: list[BaseException] = []
-
-    def first_entry() -> None:
-        try:
-            fetcher.begin(0)
-        except Exception as exc:
-            failures.append(exc)
-
-    reader = threading.Thread(target=first_entry)
-    reader.start()
+    reader, failures = begin_in_thread(fetcher)
     assert wait_for(lambda: proxy.in_flight == 5, 5)
     closed = time.monotonic()
     fetcher.close()
@@ -683,17 +689,8 @@ def test_a_request_still_connecting_when_the_download_ends_is_never_sent() -> No
     time.sleep(0.2)
     source = UrlSource(f"http://127.0.0.1:{port}/x", size=10, timeout=8)
     fetcher = Fetcher((PlannedEntry("x.bin", 0, source=source, size=10),), Policy())
-    failures: list[BaseException] = []
-
-    def first_entry() -> None:
-        try:
-            fetcher.begin(0)
-        except Exception as exc:
-            failures.append(exc)
-
-    reader = threading.Thread(target=first_entry)
     try:
-        reader.start()
+        reader, failures = begin_in_thread(fetcher)
         time.sleep(0.5)
         fetcher.close()
         # Make room: the waiting connection is made when its SYN is sent again (1 s, then 3 s).

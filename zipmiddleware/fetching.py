@@ -29,7 +29,6 @@ exists: the archive writers ask it for each entry's bytes, in entry order, and i
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .errors import StreamError
+from .perprocess import PerProcess
 from .planning import PlannedEntry
 from .sources import RestartableSource, SourceError, is_transient, public_reason
 from .zipformat import ZIP64_LIMIT
@@ -62,22 +62,8 @@ class _Cancelled(Exception):
     """The download ended while a source was being opened."""
 
 
-_pool_lock = threading.Lock()
-_pools: dict[int, ThreadPoolExecutor] = {}
-
-
-def fetch_pool() -> ThreadPoolExecutor:
-    """The process's fetch threads (a pool per process: threads do not survive a fork)."""
-    pid = os.getpid()
-    pool = _pools.get(pid)
-    if pool is None:
-        with _pool_lock:
-            pool = _pools.get(pid)
-            if pool is None:
-                _pools.clear()
-                pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="zipmiddleware-fetch")
-                _pools[pid] = pool
-    return pool
+# Threads that open sources ahead: FETCH_THREADS per process, whatever the number of downloads.
+fetch_pool = PerProcess(lambda: ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="zipmiddleware-fetch"))
 
 
 @dataclass

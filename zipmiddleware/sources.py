@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import logging
-import os
 import socket
 import threading
 import urllib.parse
@@ -33,6 +32,8 @@ import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util.retry import Retry
+
+from .perprocess import PerProcess
 
 logger = logging.getLogger("zipmiddleware")
 
@@ -147,24 +148,15 @@ class _HTTPSPool(HTTPSConnectionPool):
     ConnectionCls = _HTTPSConnection
 
 
-_pool_lock = threading.Lock()
-_pools: dict[int, urllib3.PoolManager] = {}
-
-
-def pool_manager() -> urllib3.PoolManager:
-    """This process's connection pool (one per process: sockets are not shared across a fork)."""
-    pid = os.getpid()
-    manager = _pools.get(pid)
-    if manager is None:
-        with _pool_lock:
-            manager = _pools.get(pid)
-            if manager is None:
-                _pools.clear()
-                # 32 connections kept per host: more than the fetch threads (see fetching.py).
-                manager = urllib3.PoolManager(num_pools=64, maxsize=32, block=False)
-                manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
-                _pools[pid] = manager
+def _pool_manager() -> urllib3.PoolManager:
+    # 32 connections kept per host: more than the fetch threads (see fetching.py).
+    manager = urllib3.PoolManager(num_pools=64, maxsize=32, block=False)
+    manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
     return manager
+
+
+# This process's connection pool (one per process: sockets are not shared across a fork).
+pool_manager = PerProcess(_pool_manager)
 
 
 # -- HTTP(S) --------------------------------------------------------------------------------

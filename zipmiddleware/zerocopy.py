@@ -39,6 +39,7 @@ from typing import Any
 from .checksums import RunningCrc
 from .connection import client_socket
 from .errors import StreamError
+from .perprocess import PerProcess
 from .planning import FileSnapshot
 from .types import WSGIEnvironment
 
@@ -267,16 +268,7 @@ class CrcReader:
             concurrent.futures.wait([self.future])
 
 
-_readers: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
-_readers_lock = threading.Lock()
-
-
-def crc_readers() -> concurrent.futures.ThreadPoolExecutor:
-    """This process's reader threads, one per CPU (made on first use, and again in a child
-    after a fork, whose copy of the parent's pool has no threads)."""
-    global _readers
-    with _readers_lock:
-        if _readers is None or _readers[0] != os.getpid():
-            workers = max(2, os.cpu_count() or 2)
-            _readers = (os.getpid(), concurrent.futures.ThreadPoolExecutor(workers, "zipmiddleware-crc"))
-        return _readers[1]
+# This process's reader threads, one per CPU.
+crc_readers = PerProcess(
+    lambda: concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 2), "zipmiddleware-crc")
+)
