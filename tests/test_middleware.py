@@ -6,6 +6,7 @@ import gc
 import hashlib
 import logging
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -454,3 +455,33 @@ def test_sources_are_closed_when_the_download_is_refused(games: Path) -> None:
     response = TestApp(middleware).get("/d/x", status=404)
     assert "nope.bin" not in response.text
     assert source.closed
+
+
+def test_an_unexpected_error_before_the_first_byte_is_a_500_and_closes_everything(
+    games: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error that is no StreamError (an I/O error such as EIO) while the first chunk is made:
+    a 500 text, the body closed here (the server never sees it), the download reported."""
+    from zipmiddleware import zipengine
+
+    def failing_read(*args: object, **kwargs: object) -> Iterator[bytes]:
+        raise OSError(5, "Input/output error")
+        yield b""
+
+    monkeypatch.setattr(zipengine, "read_file", failing_read)
+    events: list[object] = []
+    middleware = ZipMiddleware(
+        plain_app,
+        routes={"/d/<name>": lambda request, name: ZipTarget.from_directory(games / "quake")},
+        roots=[games],
+        crc_cache=":memory:",
+        on_download=events.append,
+    )
+    gc.collect()
+    baseline = open_fds()
+    statuses, body = call(middleware)
+    assert statuses == ["500 INTERNAL SERVER ERROR"]
+    assert b"".join(body).startswith(b"Internal Server Error")
+    assert open_fds() == baseline
+    [event] = events
+    assert (event.status, event.http_status, event.bytes_sent) == ("aborted", 500, 0)  # type: ignore[attr-defined]

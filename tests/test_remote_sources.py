@@ -861,9 +861,11 @@ def test_a_body_cut_after_its_last_byte_is_complete() -> None:
 
 def test_an_entry_cut_before_any_of_it_went_out_is_read_again_without_validators() -> None:
     """No ETag, no Last-Modified: nothing can be resumed; but an entry opened ahead and cut
-    while it waited (none of it sent yet) is read again from its start."""
+    before any of it went out is read again from its start."""
     first = Scripted([(200, {}, V1, None)])
-    second = Scripted([(200, {}, V2, 500_000), (200, {}, V2, None)])  # cut while read ahead
+    # Cut while read ahead, then read whole ahead; and, as such an origin cannot be resumed,
+    # that connection (which could have been cut while it waited) is read again at its turn.
+    second = Scripted([(200, {}, V2, 500_000), (200, {}, V2, None), (200, {}, V2, None)])
     recorder = Recorder()
 
     def resolve(request: object) -> ZipTarget:
@@ -882,8 +884,8 @@ def test_an_entry_cut_before_any_of_it_went_out_is_read_again_without_validators
         first.close()
         second.close()
     assert contents(archive) == {"one.bin": V1, "two.bin": V2}
-    assert "range" not in second.requests[1]
-    assert [event.attempts for event in recorder.entries] == [1, 2]
+    assert len(second.requests) == 3 and not any("range" in request for request in second.requests)
+    assert [event.attempts for event in recorder.entries] == [1, 3]
 
 
 def test_without_validators_a_cut_after_the_first_byte_aborts() -> None:
@@ -967,3 +969,54 @@ def test_a_download_that_ends_stops_reading_a_users_source() -> None:
     assert [source.pieces for source in sources] == counts
     # Read ahead: at most the buffer (1 MiB) and one piece more each.
     assert all(source.pieces <= PREFETCH_BUFFER // 65536 + 1 for source in sources[1:])
+
+
+def test_a_refused_connection_is_told_as_such() -> None:
+    port = free_port()  # nothing listens there
+    with pytest.raises(SourceError) as info:
+        UrlSource(f"http://127.0.0.1:{port}/x").open(0)
+    assert info.value.reason == "the connection to its origin failed"
+    assert info.value.transient
+
+
+def test_a_resume_of_unknown_total_must_reach_the_known_end() -> None:
+    """A 206 saying ``bytes N-M/*``: its end must be the size known (given or learnt)."""
+    short = {"Content-Range": f"bytes {RESUME}-{RESUME + 99_999}/*", "ETag": '"a"'}
+    origin = Scripted([(200, {"ETag": '"a"'}, V1, CUT), (206, short, V1[RESUME : RESUME + 100_000], None)])
+    try:
+        _, archive = fetch_one(origin)
+    finally:
+        origin.close()
+    assert archive is None
+
+
+def test_a_chunked_body_cut_after_its_last_byte_is_complete_without_a_size() -> None:
+    """Unsized: the resume's 416 ``bytes */N`` (N = the bytes read) says nothing was left; it is
+    believed because the request carried the version's strong ETag as If-Match."""
+    data = V1[: 2 * 262_144]
+    chunked = b"%x\r\n" % len(data) + data + b"\r\n"  # no terminating 0-size chunk
+    origin = Scripted(
+        [
+            (200, {"Transfer-Encoding": "chunked", "ETag": '"a"'}, chunked, len(chunked)),
+            (416, {"Content-Range": f"bytes */{len(data)}", "ETag": '"a"'}, b"", None),
+        ]
+    )
+    try:
+        recorder, archive = fetch_one(origin, size=None)
+    finally:
+        origin.close()
+    assert archive is not None and contents(archive) == {"r.bin": data}
+    assert origin.requests[1]["if-match"] == '"a"' and origin.requests[1]["range"] == f"bytes={len(data)}-"
+
+
+def test_a_source_failing_part_way_through_the_first_chunk_gets_a_502() -> None:
+    """Cut, then refused on its resume, all before the archive's first chunk went out."""
+    small_v1 = V1[:100_000]  # within the first chunk (256 KiB)
+    origin = Scripted([(200, {"ETag": '"a"'}, small_v1, 50_000), (404, {}, b"gone", None)])
+    try:
+        recorder, archive = fetch_one(origin, size=len(small_v1), prefetch=0)
+    finally:
+        origin.close()
+    assert archive is not None and archive.startswith(b"Bad Gateway")
+    [finished] = recorder.downloads
+    assert (finished.status, finished.http_status, finished.entries) == ("aborted", 502, 0)

@@ -43,8 +43,8 @@ class StreamError(ZipMiddlewareError):
 
 
 class UpstreamError(StreamError):
-    """A source (a remote file) failed for good before any of its bytes went out.
+    """A source (a remote file) failed for good.
 
-    Where that is before the response's first byte too, the middleware still answers with
-    a 502 instead of aborting (see :mod:`zipmiddleware.middleware`).
+    Where nothing of the response went out yet, the middleware answers with a 502 instead of
+    aborting (see :mod:`zipmiddleware.middleware`).
     """

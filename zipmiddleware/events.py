@@ -141,9 +141,11 @@ class Watched:
         self._reported = False
         report.metrics.download_started()
 
-    def refused(self, http_status: int) -> None:
-        """Nothing of it went out: the client got an error response of ``http_status`` instead."""
-        self.outcome, self.http_status = ABORTED, http_status
+    def refused(self, http_status: int, outcome: str = ABORTED) -> None:
+        """Nothing of it went out: the client got an error response of ``http_status`` instead
+        (or had gone: ``outcome``). Entries made for its first chunk never went out either."""
+        self.outcome, self.http_status = outcome, http_status
+        self.report.entries_done = 0
 
     def __iter__(self) -> Iterator[bytes]:
         try:

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .errors import StreamError
+from .errors import StreamError, UpstreamError
 from .perprocess import PerProcess
 from .planning import PlannedEntry
 from .sources import RestartableSource, SourceError, is_transient, public_reason
@@ -195,9 +195,16 @@ class Fetcher:
         """Entry ``index`` opened: by the pool if it got to it, else now."""
         with self._lock:
             future = self._ahead.pop(index, None)
-        if future is not None and not future.cancel():
-            return future.result()  # started already: it ends soon (close() cuts it short too)
-        return self._open_at(index, 0, 0)
+        if future is None or future.cancel():
+            return self._open_at(index, 0, 0)
+        opened = future.result()  # started already: it ends soon (close() cuts it short too)
+        if opened.stream is not None and not getattr(self.entries[index].source, "resumable", True):
+            # Its connection waited idle and may have been cut meanwhile, which such a source
+            # (no validators) notices only after handing on what was read ahead and could not
+            # resume from: it starts again, at its turn.
+            self._end(opened, _Cancelled())
+            return self._open_at(index, 0, opened.attempts - 1)
+        return opened
 
     def _open_at(self, index: int, offset: int, failures: int) -> _Opened:
         """Open entry ``index`` at ``offset`` after ``failures`` failures in a row, retrying
@@ -295,7 +302,7 @@ class Fetcher:
                     break
                 opened = self._fill(index, opened, 1)
                 if opened.error is not None:
-                    raise StreamError(f"{entry.arcname!r}: {opened.error}") from opened.error
+                    raise UpstreamError(f"{entry.arcname!r}: {opened.error}") from opened.error
         finally:
             self._untrack(opened.closer)
             _close(opened.closer)
@@ -311,11 +318,13 @@ class Fetcher:
             self._closers.pop(id(closer), None)
 
 
-def failure_reason(exc: StreamError) -> str:
+def failure_reason(exc: BaseException) -> str:
     """What may be shown of an entry that failed part-way with ``exc``."""
-    if exc.__cause__ is not None:
-        return public_reason(exc.__cause__)
-    return "it could not be read to its end"
+    if isinstance(exc, StreamError):
+        if exc.__cause__ is None:
+            return "it could not be read to its end"
+        exc = exc.__cause__
+    return public_reason(exc)
 
 
 def checked(arcname: str, source: Iterable[bytes], size: int | None) -> Iterator[bytes]:

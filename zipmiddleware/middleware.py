@@ -11,7 +11,7 @@ from typing import Any
 from werkzeug.http import parse_options_header
 from werkzeug.wrappers import Request, Response
 
-from .checksums import ColdCrcWork
+from .checksums import ClientGoneError, ColdCrcWork
 from .config import Settings, build_settings, read_toml
 from .connection import limit_stalls
 from .crccache import CrcCache, SQLiteCrcCache
@@ -22,7 +22,7 @@ from .deployment import (
     is_sync_worker_request,
 )
 from .errors import RefusedError, StreamError, UpstreamError
-from .events import COMPLETE, DownloadEvent, Report, Watched
+from .events import ABORTED, CLIENT_GONE, COMPLETE, DownloadEvent, Report, Watched
 from .metrics import get_metrics
 from .planning import NOT_FOUND, SERVER_ERROR, UPSTREAM_FAILED, FilePlan, Planner, close_sources
 from .responses import (
@@ -40,6 +40,9 @@ from .zerocopy import ZeroCopy
 from .zipengine import Body
 
 logger = logging.getLogger("zipmiddleware")
+
+# What a download whose client went away before its first byte is logged with (nginx's 499).
+CLIENT_CLOSED = 499
 
 
 class ZipMiddleware:
@@ -134,7 +137,8 @@ class ZipMiddleware:
             if failed is not None:  # nothing went out yet: an error response instead
                 if self.reporting:
                     watched = self._watched((), environ, match, response, report, started, None)
-                    watched.refused(failed.status_code)
+                    gone = failed.status_code == CLIENT_CLOSED
+                    watched.refused(failed.status_code, CLIENT_GONE if gone else ABORTED)
                     watched.close()
                 return failed(environ, start_response)
         body: Iterable[bytes] = response(environ, start_response)
@@ -157,10 +161,16 @@ class ZipMiddleware:
         """
         try:
             archive.prime()
-        except StreamError as exc:
-            archive.close()
+        except Exception as exc:
+            archive.close()  # the server never sees this body: closed here
+            if isinstance(exc, ClientGoneError):  # while it waited for cold CRC-32 work
+                gone = text_response(CLIENT_CLOSED, "Client Closed Request.")
+                gone.status = f"{CLIENT_CLOSED} Client Closed Request"
+                return gone
             if isinstance(exc, UpstreamError):
                 return text_response(502, UPSTREAM_FAILED)
+            if not isinstance(exc, StreamError):  # else logged where it was raised
+                logger.exception("download failed before its first byte")
             return text_response(500, SERVER_ERROR)
         return None
 

@@ -81,7 +81,9 @@ def connection_failure(exc: BaseException) -> str:
     """A network error, in words that name no host."""
     if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
         exc = exc.reason
-    if isinstance(exc, (TimeoutError, urllib3.exceptions.TimeoutError)):
+    # urllib3 makes a refused connection (and an unknown host) a kind of connect timeout.
+    refused = isinstance(exc, urllib3.exceptions.NewConnectionError)
+    if not refused and isinstance(exc, (TimeoutError, urllib3.exceptions.TimeoutError)):
         return "its origin did not answer in time"
     return "the connection to its origin failed"
 
@@ -265,9 +267,12 @@ class UrlSource:
         with self._lock:
             self._live.discard(stream)
 
-    def learn(self, response: urllib3.BaseHTTPResponse, offset: int) -> None:
-        """Check a response against what is known of the resource; learn what is not."""
+    def learn(self, response: urllib3.BaseHTTPResponse, offset: int) -> bool:
+        """Check a response against what is known of the resource; learn what is not. False
+        for an answer that says there is nothing left from ``offset`` (see _nothing_left)."""
         status = response.status
+        if status == 416 and self._nothing_left(response.headers, offset):
+            return False
         if status == 412:
             raise SourceError("it changed at its origin while it was read", transient=False)
         if status in (404, 410):
@@ -296,7 +301,7 @@ class UrlSource:
                 transient=False,
                 detail=f"ETag {etag!r}, Last-Modified {modified!r}",
             )
-        total = _total_size(headers, offset)
+        total = _total_size(headers, offset, self.size)
         if total is not None:
             if self.size is not None and total != self.size:
                 raise SourceError(
@@ -305,10 +310,19 @@ class UrlSource:
                     detail=f"{total} bytes, not {self.size}",
                 )
             self.size = total
+        return True
+
+    def _nothing_left(self, headers: Any, offset: int) -> bool:
+        """A resume at ``offset`` answered 416 ``bytes */offset``: the previous answer was cut
+        after its last byte (a chunked body without its end). Believed only for the version
+        read: the request carried its strong ETag as If-Match, which the origin checks first."""
+        total = headers.get("Content-Range", "").partition("/")[2]
+        return bool(offset and self.strong_etag and total.isdigit() and int(total) == offset)
 
 
-def _total_size(headers: Any, offset: int) -> int | None:
-    """The resource's whole size from a 200's Content-Length or a 206's Content-Range."""
+def _total_size(headers: Any, offset: int, size: int | None) -> int | None:
+    """The resource's whole size from a 200's Content-Length or a 206's Content-Range, whose
+    range must run from ``offset`` to the end (the size known so far, where it gives none)."""
     if not offset:
         length = headers.get("Content-Length")
         return int(length) if length and length.isdigit() else None
@@ -316,11 +330,12 @@ def _total_size(headers: Any, offset: int) -> int | None:
     unit, _, spec = content_range.partition(" ")
     span, _, total = spec.partition("/")
     first, _, last = span.partition("-")
+    end = int(total) if total.isdigit() else size
     if (
         unit.lower() != "bytes"
         or not (first.isdigit() and last.isdigit())
         or int(first) != offset
-        or (total.isdigit() and int(last) != int(total) - 1)  # not to the end
+        or (end is not None and int(last) != end - 1)  # not to the end
     ):
         raise SourceError("its origin answered another range", transient=False, detail=content_range)
     return int(total) if total.isdigit() else None
@@ -337,6 +352,7 @@ class UrlStream:
         self._connection: Any = None  # the socket's owner while this stream uses it
         self._response: urllib3.BaseHTTPResponse | None = None
         self._closed = False
+        self._empty = False  # the answer says nothing is left from offset
 
     def attach(self, connection: Any) -> None:
         with self._lock:
@@ -389,7 +405,7 @@ class UrlStream:
                 response.close()
             raise SourceError("the download ended", transient=False)
         try:
-            self.source.learn(response, self.offset)
+            self._empty = not self.source.learn(response, self.offset)
         except SourceError as exc:
             self.close()
             where = _without_query(source.url) + (f": {exc.detail}" if exc.detail else "")
@@ -398,9 +414,9 @@ class UrlStream:
     def __iter__(self) -> Iterator[bytes]:
         response = self._response
         assert response is not None
-        complete = False
+        complete = False  # read to its end: its connection may serve another request
         try:
-            while True:
+            while not self._empty:  # (a 416's body is not read: its connection is dropped)
                 data = response.read(READ_SIZE)
                 if not data:
                     complete = True

@@ -320,7 +320,7 @@ class ZipStream(Body):
                         continue
                 compressed += len(piece)
                 yield piece
-        except StreamError as exc:
+        except Exception as exc:  # a StreamError, or whatever a plain iterable raised
             self.report.entry(entry.arcname, FAILED, size, self._attempts(index), failure_reason(exc))
             raise
         if compressor is not None:
