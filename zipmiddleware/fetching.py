@@ -28,17 +28,20 @@ exists: the archive writers ask it for each entry's bytes, in entry order, and i
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import cast
 
+from .closing import close_all
 from .errors import StreamError, UpstreamError
 from .perprocess import PerProcess
 from .planning import PlannedEntry
-from .sources import RestartableSource, SourceError, is_transient, public_reason
+from .sources import SourceError, is_restartable, is_transient, public_reason
 from .zipformat import ZIP64_LIMIT
 
 logger = logging.getLogger("zipmiddleware")
@@ -98,6 +101,7 @@ class Fetcher:
         self.entries = entries
         self.policy = policy
         self._order = [index for index, entry in enumerate(entries) if entry.source is not None]
+        self._restartable = {index for index in self._order if is_restartable(entries[index].source)}
         self._next = 0  # position in _order of the next entry the download will read
         self._ahead: dict[int, Future[_Opened]] = {}
         self._closers: dict[int, object] = {}  # what every stream open now is closed with, by id
@@ -126,24 +130,19 @@ class Fetcher:
         knows what the source learnt); later failures raise :class:`StreamError`."""
         entry = self.entries[index]
         assert entry.source is not None
-        while self._next < len(self._order) and self._order[self._next] < index:
-            self._next += 1  # entries skipped without being read
-        if self._next < len(self._order) and self._order[self._next] == index:
-            self._next += 1
+        self._next = bisect.bisect_right(self._order, index)  # the window starts after it
         self._fill_window()
-        if not isinstance(entry.source, RestartableSource):
+        if index not in self._restartable:  # a plain iterable
             self.attempts[index] = 1
-            return self._begin_plain(entry.arcname, entry.source, entry.size)
-        opened = self._take(index)
+            return self._begin_plain(entry.arcname, cast("Iterable[bytes]", entry.source), entry.size)
+        opened = self._fill(index, self._take(index), 1)  # its first piece, if none is read ahead
         if opened.error is not None:
             raise EntryFailed(entry.arcname, opened.error, opened.attempts) from opened.error
-        if not opened.buffered and not opened.ended:
-            # Nothing read yet (opened here, or an empty first piece): read the first piece now.
-            opened = self._fill(index, opened, 1)
-            if opened.error is not None:
-                error = opened.error
-                raise EntryFailed(entry.arcname, error, opened.attempts) from error
         return checked(entry.arcname, self._rest(index, opened), self.size(index))
+
+    def attempts_of(self, index: int | None) -> int:
+        """How many times entry ``index``'s source was opened (1 for anything else)."""
+        return 1 if index is None else self.attempts.get(index, 1)
 
     def close(self) -> None:
         """Stop every fetch of this download now and close every source (see the module doc)."""
@@ -154,11 +153,8 @@ class Fetcher:
         for future in futures:
             if not future.cancel():
                 future.add_done_callback(_close_result)
-        for closer in closers:
-            _close(closer)
-        for entry in self.entries:
-            if entry.source is not None:
-                _close(entry.source)
+        close_all(closers, "a source")
+        close_all((entry.source for entry in self.entries), "a source")
 
     # -- plain iterables ----------------------------------------------------------------------
 
@@ -184,7 +180,7 @@ class Fetcher:
         window = self._order[first : first + self.policy.prefetch]
         with self._lock:
             for index in window:
-                if index not in self._ahead and isinstance(self.entries[index].source, RestartableSource):
+                if index not in self._ahead and index in self._restartable:
                     self._ahead[index] = fetch_pool().submit(self._prefetch, index)
 
     def _prefetch(self, index: int) -> _Opened:
@@ -211,7 +207,7 @@ class Fetcher:
         transient errors; the result holds the error if it still failed."""
         entry = self.entries[index]
         source = entry.source
-        assert isinstance(source, RestartableSource)
+        assert is_restartable(source)
         while True:
             if self._cancelled.is_set():
                 return _Opened(None, None, attempts=failures + 1, error=_Cancelled())
@@ -271,7 +267,7 @@ class Fetcher:
     def _end(self, opened: _Opened, error: BaseException) -> _Opened:
         """``opened`` failed for good with ``error``: its stream is closed."""
         self._untrack(opened.closer)
-        _close(opened.closer)
+        close_all([opened.closer], "a source")
         opened.error, opened.stream = error, None
         return opened
 
@@ -283,7 +279,7 @@ class Fetcher:
         if not self._may_retry(self.entries[index].arcname, exc, opened.attempts):
             return self._end(opened, exc)
         self._untrack(opened.closer)
-        _close(opened.closer)
+        close_all([opened.closer], "a source")
         if not opened.handed:
             opened.buffered, opened.received = deque(), 0
         again = self._open_at(index, opened.received, opened.attempts)
@@ -305,13 +301,13 @@ class Fetcher:
                     raise UpstreamError(f"{entry.arcname!r}: {opened.error}") from opened.error
         finally:
             self._untrack(opened.closer)
-            _close(opened.closer)
+            close_all([opened.closer], "a source")
 
     def _track(self, closer: object) -> None:
         with self._lock:
             self._closers[id(closer)] = closer
         if self._cancelled.is_set():  # close() may have run before it was tracked
-            _close(closer)
+            close_all([closer], "a source")
 
     def _untrack(self, closer: object) -> None:
         with self._lock:
@@ -354,18 +350,7 @@ def _chain(first: bytes | None, rest: Iterator[bytes]) -> Iterator[bytes]:
     yield from rest
 
 
-def _close(closable: object) -> None:
-    close = getattr(closable, "close", None)
-    if callable(close):
-        try:
-            close()
-        except ValueError:  # a generator running in a fetch thread: it sees the cancellation
-            pass
-        except Exception:
-            logger.exception("error while closing a source")
-
-
 def _close_result(future: Future[_Opened]) -> None:
     """A prefetch that was running when its download ended: close what it opened."""
     if not future.cancelled() and future.exception() is None:
-        _close(future.result().closer)
+        close_all([future.result().closer], "a source")

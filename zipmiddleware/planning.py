@@ -17,17 +17,16 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+from .closing import close_all
 from .config import Settings
 from .confinement import Opened, OutsideRootsError, WrongKindError, open_inside
 from .errors import RefusedError
 from .names import NameTable, display_name, plain_names, safe_arcname
+from .sources import RestartableSource, is_restartable
 from .targets import FileTarget, PathTarget, StrPath, ZipEntry, ZipTarget
 from .zipformat import DOS_MAX, DOS_MIN
-
-if TYPE_CHECKING:
-    from .sources import RestartableSource
 
 logger = logging.getLogger("zipmiddleware")
 
@@ -191,13 +190,7 @@ Plan = FilePlan | ZipPlan
 
 def close_sources(target: object) -> None:
     """Close the user iterables of a target that will not be streamed."""
-    for entry in getattr(target, "entries", ()):
-        close = getattr(entry.source, "close", None)
-        if callable(close):
-            try:
-                close()
-            except Exception:  # keep closing the rest; the response is decided already
-                logger.exception("error while closing the source of %r", entry.arcname)
+    close_all((entry.source for entry in getattr(target, "entries", ())), "a source")
 
 
 T = TypeVar("T")
@@ -656,7 +649,7 @@ class Planner:
                     source, size = (bytes(source),), len(source)
                 assert source is not None
                 # A restartable source (see sources.py) may know its own size and date.
-                restartable = callable(getattr(source, "open", None))
+                restartable = is_restartable(source)
                 known_size = getattr(source, "size", None) if restartable else None
                 known_date = getattr(source, "mtime", None) if restartable else None
                 if size is None and isinstance(known_size, int):

@@ -26,7 +26,7 @@ import socket
 import threading
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeGuard
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -48,13 +48,18 @@ CONNECT_TIMEOUT = 10.0
 TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
-@runtime_checkable
 class RestartableSource(Protocol):
     """What a restartable source offers; ``size``, ``mtime`` and ``close()`` are optional."""
 
     def open(self, offset: int) -> Iterable[bytes]:
         """The source's bytes from ``offset`` to its end."""
         ...
+
+
+def is_restartable(source: object) -> TypeGuard[RestartableSource]:
+    """Whether ``source`` is restartable (a lookup: ``isinstance`` with a protocol costs ~20 us,
+    which an archive of 65,000 sources would pay many times)."""
+    return callable(getattr(source, "open", None))
 
 
 class SourceError(Exception):

@@ -69,10 +69,6 @@ class ZeroCopy:
         """Body bytes the server and this sender have written to the client so far."""
         return int(self.response.sent)
 
-    @property
-    def headers_sent(self) -> bool:
-        return bool(self.response.headers_sent)
-
     def counted(self, pieces: Iterator[bytes | int], length: int) -> Iterator[bytes | int]:
         """``pieces`` of a body of ``length`` bytes (before they are merged into chunks),
         counted as produced: the body this sender serves is the one iterated."""

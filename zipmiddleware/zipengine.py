@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from . import compression
 from .checksums import ClientGoneError, ColdCrcWork, Present, RunningCrc, always_present, crc32_combine
+from .closing import close_all
 from .crccache import CHECKPOINT_EVERY, Checkpoint, CrcCache, Key
 from .errors import StreamError, UpstreamError
 from .events import DONE, FAILED, SKIPPED, Report
@@ -321,7 +322,8 @@ class ZipStream(Body):
                 compressed += len(piece)
                 yield piece
         except Exception as exc:  # a StreamError, or whatever a plain iterable raised
-            self.report.entry(entry.arcname, FAILED, size, self._attempts(index), failure_reason(exc))
+            attempts = self.fetcher.attempts_of(index)
+            self.report.entry(entry.arcname, FAILED, size, attempts, failure_reason(exc))
             raise
         if compressor is not None:
             tail = compressor.flush()
@@ -337,10 +339,7 @@ class ZipStream(Body):
         if header.descriptor:
             yield data_descriptor(header, crc, compressed, size)
         written.append((header, crc, compressed, size))
-        self.report.entry(entry.arcname, DONE, size, self._attempts(index))
-
-    def _attempts(self, index: int | None) -> int:
-        return 1 if index is None else self.fetcher.attempts.get(index, 1)
+        self.report.entry(entry.arcname, DONE, size, self.fetcher.attempts_of(index))
 
     def _file_crc(self, arcname: str, file: FileSnapshot) -> int:
         """A file's CRC-32 before it is sent: from the cache, else by reading it once."""
@@ -361,7 +360,7 @@ class ZipStream(Body):
 
     def close(self) -> None:
         """Close the output, every reader (and so every file), every fetch and every source."""
-        _close_all([self._output, *self._readers, self.fetcher])
+        close_all([self._output, *self._readers, self.fetcher])
         self._remember_crcs()  # when iteration never started or was cut short
 
 
@@ -383,16 +382,6 @@ def skipped_listing(
     # Dated as the newest entry, as an archive's bytes never depend on the clock.
     newest = max((entry.mtime for entry in entries), default=DOS_MIN)
     return PlannedEntry(names.add(name), newest, size=len(text)), text
-
-
-def _close_all(closables: Iterable[object]) -> None:
-    for closable in closables:
-        close = getattr(closable, "close", None)
-        if callable(close):
-            try:
-                close()
-            except Exception:  # keep closing the rest
-                logger.exception("error while closing a download")
 
 
 # -- layout and ranges of stored archives ----------------------------------------------
@@ -577,7 +566,7 @@ class ZipRange(Body):
     def close(self) -> None:
         """Close the output, every file, every fetch and every source (read or not), keep what
         was learnt."""
-        _close_all([self._output, self._pieces, self.fetcher])
+        close_all([self._output, self._pieces, self.fetcher])
         self._cold_done()
         if self._progress is not None:  # cut inside a file: keep what was learnt of its head
             key, running = self._progress
@@ -776,11 +765,11 @@ class ZipRange(Body):
                 running.update(piece)
                 yield piece
         except StreamError as exc:
-            attempts = self.fetcher.attempts.get(index, 1)
+            attempts = self.fetcher.attempts_of(index)
             self.report.entry(entry.arcname, FAILED, running.offset, attempts, failure_reason(exc))
             raise
         self._look_up()[index] = running.crc
-        self.report.entry(entry.arcname, DONE, running.offset, self.fetcher.attempts.get(index, 1))
+        self.report.entry(entry.arcname, DONE, running.offset, self.fetcher.attempts_of(index))
 
     def _directory(self) -> Iterator[bytes]:
         """The central records in the range, then the end records if they are in it."""
