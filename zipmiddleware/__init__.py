@@ -10,7 +10,7 @@ from __future__ import annotations
 from .crccache import CrcCache, SQLiteCrcCache
 from .errors import ConfigError, ZipMiddlewareError
 from .middleware import ZipMiddleware
-from .targets import Failed, FileTarget, Pending, ZipEntry, ZipTarget
+from .targets import Failed, FileTarget, Pending, SourceTarget, ZipEntry, ZipTarget
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,7 @@ __all__ = [
     "FileTarget",
     "Pending",
     "SQLiteCrcCache",
+    "SourceTarget",
     "ZipEntry",
     "ZipMiddleware",
     "ZipMiddlewareError",

@@ -303,7 +303,7 @@ class ColdCrcWork:
             self._slots.release()
             raise ClientGoneError("the client went away while waiting to compute CRC-32s")
         key, stop = job_key
-        if stop == key[2] and self.crc_cache is not None:  # learnt meanwhile (by a full download)?
+        if stop == key.size and self.crc_cache is not None:  # learnt meanwhile (by a full download)?
             known = self.crc_cache.get_many([key])
             if key in known:
                 self._slots.release()
@@ -322,7 +322,7 @@ class ColdCrcWork:
             raise
         finally:
             self._slots.release()
-        if stop == key[2]:
+        if stop == key.size:
             if self.crc_cache is not None:
                 self.crc_cache.put_many({key: running.crc})
         else:

@@ -2,8 +2,9 @@
 
 A ZIP's data descriptors and central directory hold every entry's CRC-32, so a
 range starting late in an archive needs the CRC-32 of the files before it. They
-are kept here, keyed by what identifies a file's content on this host (device,
-inode, size, ctime in ns), and filled as a side effect of every full download
+are kept here, keyed by what identifies a file's content on every host (its name
+below its root, size and mtime in ns; an object's key, size and ETag: see
+:class:`Key`), and filled as a side effect of every full download
 and of every range that reads a whole file. A download cut short inside a file
 also leaves *checkpoints*: the CRC-32 of the file's first N bytes, every
 :data:`CHECKPOINT_EVERY` bytes, so that resuming it never reads the whole head of
@@ -36,13 +37,22 @@ import weakref
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 logger = logging.getLogger("zipmiddleware")
 
-# (st_dev, st_ino, st_size, st_ctime_ns): a file's content as far as the cache knows. The ctime
-# moves with every write, even one whose mtime is set back afterwards (see planning.FileSnapshot).
-Key = tuple[int, int, int, int]
+
+class Key(NamedTuple):
+    """A file's content as far as the cache (and the validators) know, the same on every host
+    that has a copy of it: for a file, its root's position in ``roots`` and its path below it,
+    its size and its mtime in ns; for an object, its bucket and key, size and ETag. So what
+    one host learns serves all of them (see :mod:`.crcdatabase` for a store they share)."""
+
+    name: str
+    size: int
+    version: str
+
+
 # (offset, CRC-32 of the file's bytes [0, offset))
 Checkpoint = tuple[int, int]
 
@@ -55,7 +65,7 @@ MEMORY_ENTRIES = 1_000_000
 RECHECK_SECONDS = 5.0
 MEMORY = ":memory:"
 # The tables' format (SQLite's user_version): a file of another one is set up anew.
-SCHEMA = 2
+SCHEMA = 3
 
 
 @runtime_checkable
@@ -75,7 +85,8 @@ class CrcCache(Protocol):
 
 def guard(key: Key, offset: int, crc: int) -> int:
     """The check value stored with a row: a damaged row (one bit is enough) reads as missing."""
-    return zlib.crc32(struct.pack("<5QI", *(v & 0xFFFFFFFFFFFFFFFF for v in (*key, offset)), crc))
+    text = f"{key.name}\0{key.version}".encode("utf-8", "surrogateescape")
+    return zlib.crc32(struct.pack("<2QI", key.size, offset, crc) + text)
 
 
 class MemoryCrcCache:
@@ -199,12 +210,12 @@ class SQLiteCrcCache:
     def put_many(self, items: Mapping[Key, int]) -> None:
         if not items:
             return
-        rows = [(*_storable(key), crc, guard(key, key[2], crc)) for key, crc in items.items()]
+        rows = [(*key, crc, guard(key, key.size, crc)) for key, crc in items.items()]
         done = self._write(
-            ("INSERT OR REPLACE INTO file_crc VALUES (?, ?, ?, ?, ?, ?)", rows),
+            ("INSERT OR REPLACE INTO file_crc VALUES (?, ?, ?, ?, ?)", rows),
             (  # the whole file's CRC-32 makes its checkpoints useless
-                "DELETE FROM prefix_crc WHERE device = ? AND inode = ? AND size = ? AND ctime_ns = ?",
-                [row[:4] for row in rows],
+                "DELETE FROM prefix_crc WHERE name = ? AND size = ? AND version = ?",
+                [row[:3] for row in rows],
             ),
         )
         if not done:
@@ -224,8 +235,8 @@ class SQLiteCrcCache:
         points = list(checkpoints)
         if not points:
             return
-        rows = [(*_storable(key), offset, crc, guard(key, offset, crc)) for offset, crc in points]
-        if not self._write(("INSERT OR REPLACE INTO prefix_crc VALUES (?, ?, ?, ?, ?, ?, ?)", rows)):
+        rows = [(*key, offset, crc, guard(key, offset, crc)) for offset, crc in points]
+        if not self._write(("INSERT OR REPLACE INTO prefix_crc VALUES (?, ?, ?, ?, ?, ?)", rows)):
             self._memory().put_checkpoints(key, points)
 
     def check_writable(self) -> None:
@@ -237,8 +248,8 @@ class SQLiteCrcCache:
         try:
             with connection:
                 connection.execute("BEGIN IMMEDIATE")
-                connection.execute("INSERT OR REPLACE INTO file_crc VALUES (-1, -1, -1, -1, 0, 0)")
-                connection.execute("DELETE FROM file_crc WHERE device = -1")
+                connection.execute("INSERT OR REPLACE INTO file_crc VALUES ('', -1, '', 0, 0)")
+                connection.execute("DELETE FROM file_crc WHERE size = -1")
         finally:
             connection.close()
 
@@ -300,18 +311,18 @@ class SQLiteCrcCache:
                 return None
             try:
                 for batch in range(0, len(keys), 200):
-                    chunk = {_storable(key): key for key in keys[batch : batch + 200]}
-                    places = ", ".join(["(?, ?, ?, ?)"] * len(chunk))
+                    chunk = {tuple(key): key for key in keys[batch : batch + 200]}
+                    places = ", ".join(["(?, ?, ?)"] * len(chunk))
                     values = [value for stored in chunk for value in stored]
                     # A join with the keys, so that each is looked up by the primary key (a row-value
                     # "IN (VALUES ...)" makes SQLite scan the whole table once per query).
                     query = (
-                        f"WITH wanted(d, i, s, m) AS (VALUES {places}) SELECT d, i, s, m, {columns}"
-                        f" FROM wanted JOIN {table} ON device = d AND inode = i AND size = s AND ctime_ns = m"
+                        f"WITH wanted(n, s, v) AS (VALUES {places}) SELECT n, s, v, {columns}"
+                        f" FROM wanted JOIN {table} ON name = n AND size = s AND version = v"
                     )
                     for row in connection.execute(query, values):
-                        key = chunk[row[:4]]
-                        offset, crc, check = row[4:] if len(row) == 7 else (key[2], *row[4:])
+                        key = chunk[row[:3]]
+                        offset, crc, check = row[3:] if len(row) == 6 else (key.size, *row[3:])
                         if check != guard(key, offset, crc):
                             logger.warning("CRC-32 cache %s: a damaged row for %s is ignored", self.path, key)
                             continue
@@ -321,7 +332,7 @@ class SQLiteCrcCache:
                 return None
         return found
 
-    def _write(self, *steps: tuple[str, Sequence[tuple[int, ...]]]) -> bool:
+    def _write(self, *steps: tuple[str, Sequence[tuple[object, ...]]]) -> bool:
         """Run each (statement, rows) for every row, all in one transaction."""
         with self._lock:
             connection = self._connected()
@@ -397,18 +408,12 @@ def _create_tables(connection: sqlite3.Connection) -> None:
     for old in ("crc32", "file_crc", "prefix_crc"):
         connection.execute(f"DROP TABLE IF EXISTS {old}")
     connection.execute(
-        "CREATE TABLE file_crc (device INTEGER, inode INTEGER, size INTEGER, ctime_ns INTEGER,"
-        " crc INTEGER NOT NULL, guard INTEGER NOT NULL, PRIMARY KEY (device, inode, size, ctime_ns))"
-        " WITHOUT ROWID"
+        "CREATE TABLE file_crc (name TEXT, size INTEGER, version TEXT,"
+        " crc INTEGER NOT NULL, guard INTEGER NOT NULL, PRIMARY KEY (name, size, version)) WITHOUT ROWID"
     )
     connection.execute(
-        "CREATE TABLE prefix_crc (device INTEGER, inode INTEGER, size INTEGER, ctime_ns INTEGER,"
+        "CREATE TABLE prefix_crc (name TEXT, size INTEGER, version TEXT,"
         " offset INTEGER, crc INTEGER NOT NULL, guard INTEGER NOT NULL,"
-        " PRIMARY KEY (device, inode, size, ctime_ns, offset)) WITHOUT ROWID"
+        " PRIMARY KEY (name, size, version, offset)) WITHOUT ROWID"
     )
     connection.execute(f"PRAGMA user_version = {SCHEMA}")
-
-
-def _storable(key: Key) -> tuple[int, int, int, int]:
-    # SQLite integers are signed 64-bit; device numbers and inodes may use all 64 bits.
-    return tuple(value - (1 << 64) if value >= (1 << 63) else value for value in key)  # type: ignore[return-value]

@@ -75,8 +75,10 @@ class _Opened:
 
     stream: Iterator[bytes] | None
     closer: object  # what close() is called on: the iterable open() returned
+    low: int = 0  # the part of the source read: [low, high), high None: to its end
+    high: int | None = None
     buffered: deque[bytes] = field(default_factory=deque)
-    received: int = 0  # bytes of the source read so far (buffered or handed on): where to resume
+    received: int = 0  # bytes of the part read so far (buffered or handed on): where to resume
     handed: bool = False  # some of it went to the archive: it can only be resumed, not restarted
     ended: bool = False  # the stream gave its last byte while buffering
     attempts: int = 1  # failures in a row so far, plus one
@@ -103,6 +105,7 @@ class Fetcher:
         self._order = [index for index, entry in enumerate(entries) if entry.source is not None]
         self._restartable = {index for index in self._order if is_restartable(entries[index].source)}
         self._next = 0  # position in _order of the next entry the download will read
+        self._spans: dict[int, tuple[int, int]] = {}  # the parts read of versioned sources
         self._ahead: dict[int, Future[_Opened]] = {}
         self._closers: dict[int, object] = {}  # what every stream open now is closed with, by id
         self._lock = threading.Lock()
@@ -118,6 +121,21 @@ class Fetcher:
             return entry.size
         size = getattr(entry.source, "size", None)
         return size if isinstance(size, int) else None
+
+    def limit_to(self, spans: dict[int, tuple[int, int]]) -> None:
+        """Read only these parts ``[low, high)`` of versioned sources (see sources.py), and no
+        other source: for a range of an archive of files and such sources."""
+        self._spans = spans
+        self._order = sorted(spans)
+
+    def read(self, index: int, low: int, high: int) -> Iterator[bytes]:
+        """Bytes ``[low, high)`` of entry ``index``'s versioned source, opened now (never ahead),
+        retried and cancelled like the rest; any failure raises :class:`UpstreamError`."""
+        entry = self.entries[index]
+        opened = self._fill(index, self._open_at(index, low, high, 0), 1)
+        if opened.error is not None:
+            raise UpstreamError(f"{entry.arcname!r}: {opened.error}") from opened.error
+        return checked(entry.arcname, self._rest(index, opened), high - low)
 
     def warm(self) -> None:
         """Start prefetching the first sources (an archive calls it as it starts); not the
@@ -138,7 +156,7 @@ class Fetcher:
         opened = self._fill(index, self._take(index), 1)  # its first piece, if none is read ahead
         if opened.error is not None:
             raise EntryFailed(entry.arcname, opened.error, opened.attempts) from opened.error
-        return checked(entry.arcname, self._rest(index, opened), self.size(index))
+        return checked(entry.arcname, self._rest(index, opened), self._expected(index, opened))
 
     def attempts_of(self, index: int | None) -> int:
         """How many times entry ``index``'s source was opened (1 for anything else)."""
@@ -184,45 +202,56 @@ class Fetcher:
                     self._ahead[index] = fetch_pool().submit(self._prefetch, index)
 
     def _prefetch(self, index: int) -> _Opened:
-        opened = self._open_at(index, 0, 0)
+        opened = self._open_at(index, *self._part(index), 0)
         return self._fill(index, opened, PREFETCH_BUFFER)
+
+    def _part(self, index: int) -> tuple[int, int | None]:
+        """The part of entry ``index``'s source the download reads: all, unless limited."""
+        return self._spans.get(index, (0, None))
+
+    def _expected(self, index: int, opened: _Opened) -> int | None:
+        """How many bytes ``opened`` must give, if known."""
+        end = self.size(index) if opened.high is None else opened.high
+        return None if end is None else end - opened.low
 
     def _take(self, index: int) -> _Opened:
         """Entry ``index`` opened: by the pool if it got to it, else now."""
         with self._lock:
             future = self._ahead.pop(index, None)
         if future is None or future.cancel():
-            return self._open_at(index, 0, 0)
+            return self._open_at(index, *self._part(index), 0)
         opened = future.result()  # started already: it ends soon (close() cuts it short too)
         if opened.stream is not None and not getattr(self.entries[index].source, "resumable", True):
             # Its connection waited idle and may have been cut meanwhile, which such a source
             # (no validators) notices only after handing on what was read ahead and could not
             # resume from: it starts again, at its turn.
             self._end(opened, _Cancelled())
-            return self._open_at(index, 0, opened.attempts - 1)
+            return self._open_at(index, *self._part(index), opened.attempts - 1)
         return opened
 
-    def _open_at(self, index: int, offset: int, failures: int) -> _Opened:
-        """Open entry ``index`` at ``offset`` after ``failures`` failures in a row, retrying
-        transient errors; the result holds the error if it still failed."""
+    def _open_at(self, index: int, low: int, high: int | None, failures: int, received: int = 0) -> _Opened:
+        """Open the part ``[low, high)`` of entry ``index``'s source at ``received`` bytes into
+        it, after ``failures`` failures in a row, retrying transient errors; the result holds
+        the error if it still failed."""
         entry = self.entries[index]
         source = entry.source
         assert is_restartable(source)
         while True:
             if self._cancelled.is_set():
-                return _Opened(None, None, attempts=failures + 1, error=_Cancelled())
+                return _Opened(None, None, low, high, attempts=failures + 1, error=_Cancelled())
             closer = None
             self.attempts[index] = self.attempts.get(index, 0) + 1
             try:
-                closer = source.open(offset)
+                # Only a versioned source is ever given an end (see limit_to and read).
+                closer = source.open(low + received) if high is None else source.open(low + received, high)  # type: ignore[call-arg]
                 self._track(closer)
-                return _Opened(iter(closer), closer, attempts=failures + 1)
+                return _Opened(iter(closer), closer, low, high, attempts=failures + 1)
             except Exception as exc:
                 if closer is not None:
                     self._untrack(closer)
                 failures += 1
                 if not self._may_retry(entry.arcname, exc, failures):
-                    return _Opened(None, None, attempts=failures, error=exc)
+                    return _Opened(None, None, low, high, attempts=failures, error=exc)
 
     def _may_retry(self, arcname: str, exc: BaseException, failures: int) -> bool:
         """After the ``failures``-th failure in a row: wait and say yes, or say no."""
@@ -247,7 +276,7 @@ class Fetcher:
             try:
                 piece = next(stream, None)
             except Exception as exc:
-                if opened.received and opened.received == self.size(index):  # cut after its last byte
+                if opened.received and opened.received == self._expected(index, opened):  # cut after its end
                     opened.ended = True
                     continue
                 opened = self._reopen(index, opened, _Cancelled() if self._cancelled.is_set() else exc)
@@ -282,7 +311,7 @@ class Fetcher:
         close_all([opened.closer], "a source")
         if not opened.handed:
             opened.buffered, opened.received = deque(), 0
-        again = self._open_at(index, opened.received, opened.attempts)
+        again = self._open_at(index, opened.low, opened.high, opened.attempts, opened.received)
         again.buffered, again.received, again.handed = opened.buffered, opened.received, opened.handed
         return again
 

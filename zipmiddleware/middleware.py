@@ -24,12 +24,13 @@ from .deployment import (
 from .errors import RefusedError, StreamError, UpstreamError
 from .events import ABORTED, CLIENT_GONE, COMPLETE, DownloadEvent, Report, Watched
 from .metrics import get_metrics
-from .planning import NOT_FOUND, SERVER_ERROR, UPSTREAM_FAILED, FilePlan, Planner, close_sources
+from .planning import NOT_FOUND, SERVER_ERROR, UPSTREAM_FAILED, FilePlan, Planner, SourcePlan, close_sources
 from .responses import (
     ALLOWED_METHODS,
     file_response,
     method_not_allowed,
     pending_response,
+    source_response,
     text_response,
     zip_response,
 )
@@ -237,6 +238,8 @@ class ZipMiddleware:
             plan = self.planner.plan(target, getattr(match.resolver, "confine_to", None))
             if isinstance(plan, FilePlan):
                 return file_response(plan, environ, self.settings.chunk_size, zero_copy)
+            if isinstance(plan, SourcePlan):
+                return source_response(plan, environ, self.settings)
             return zip_response(
                 plan, environ, self.settings, self.crc_cache, self.cold_work, zero_copy, report
             )

@@ -21,11 +21,12 @@ from typing import Any, Generic, TypeVar
 
 from .closing import close_all
 from .config import Settings
-from .confinement import Opened, OutsideRootsError, WrongKindError, open_inside
+from .confinement import Opened, OutsideRootsError, WrongKindError, is_inside, open_inside
+from .crccache import Key
 from .errors import RefusedError
 from .names import NameTable, display_name, plain_names, safe_arcname
-from .sources import RestartableSource, is_restartable
-from .targets import FileTarget, PathTarget, StrPath, ZipEntry, ZipTarget
+from .sources import RestartableSource, VersionedSource, is_restartable, is_versioned
+from .targets import FileTarget, PathTarget, SourceTarget, StrPath, ZipEntry, ZipTarget
 from .zipformat import DOS_MAX, DOS_MIN
 
 logger = logging.getLogger("zipmiddleware")
@@ -91,14 +92,29 @@ class FileSnapshot:
     mtime_ns: int = 0
     links: int = 1
     # Its owner may execute it: its entry gets mode 0755, else 0644. A chmod
-    # moves the ctime, so the identity (and with it the ETag and the reopen check) follows.
+    # moves the ctime, so the identity (and with it the reopen check) follows.
     executable: bool = False
+    # Where the file's name for other hosts starts in its path: after the folder that holds
+    # its root (see :attr:`key`).
+    base: int = 0
 
     @classmethod
-    def of(cls, path: str, st: os.stat_result) -> FileSnapshot:
+    def of(cls, path: str, st: os.stat_result, base: int = 0) -> FileSnapshot:
         cut = path.rfind(os.sep) + 1
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
-        return cls(path[:cut], path[cut:], identity, st.st_mtime_ns, st.st_nlink, is_executable(st.st_mode))
+        executable = is_executable(st.st_mode)
+        return cls(path[:cut], path[cut:], identity, st.st_mtime_ns, st.st_nlink, executable, base)
+
+    @property
+    def key(self) -> Key:
+        """What this file's content is known by on every host with a copy of it (in the CRC-32
+        store, and for the validators): its path from its root's name on ("games/doom/x.wad"
+        for /srv/games/doom/x.wad under the root /srv/games), its size and mtime in ns. Never
+        the device, inode or ctime, which differ between copies."""
+        name = self.path[self.base :]
+        if not name.isascii():  # a name that is no UTF-8 (surrogate escapes) must still be text
+            name = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return Key(name, self.identity[2], str(self.mtime_ns))
 
     @property
     def size(self) -> int:
@@ -132,6 +148,13 @@ class FileSnapshot:
         return st.st_ctime_ns == self.identity[3] or st.st_nlink != self.links
 
 
+def key_base(real: str, roots: Iterable[str]) -> int:
+    """Where a file's name for other hosts starts in its real path ``real`` (see
+    :attr:`FileSnapshot.key`): after the folder holding the innermost root it lies in."""
+    root = max((root for root in roots if is_inside(real, root)), key=len, default=os.sep)
+    return len(os.path.join(os.path.dirname(root.rstrip(os.sep)), "")) if root != os.sep else 0
+
+
 def reopen(file: FileSnapshot) -> int:
     """Open a checked file again: ``OSError`` unless it is still the very file that was checked.
 
@@ -155,6 +178,15 @@ class FilePlan:
     # The descriptor the file was checked through, handed to the response (which closes it):
     # nothing can be swapped between the check and the read. None: the response reopens it.
     opened: int | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SourcePlan:
+    """One versioned source (an object kept elsewhere) to send as it is."""
+
+    source: VersionedSource
+    download_name: str
+    mimetype: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +217,7 @@ class ZipPlan:
             return self.derived[name]
 
 
-Plan = FilePlan | ZipPlan
+Plan = FilePlan | ZipPlan | SourcePlan
 
 
 def close_sources(target: object) -> None:
@@ -538,6 +570,26 @@ def arcnames(rels: Iterable[str]) -> list[str]:
     return [table.add(name) for name in names]
 
 
+class Rules:
+    """The ``exclude`` and ``ignore`` settings: what an archive of a folder leaves out (also
+    of a folder that is not on disk: see :mod:`.s3`)."""
+
+    def __init__(self, exclude: Iterable[str], ignore: Iterable[str]) -> None:
+        self.exclude = frozenset(name.casefold() for name in exclude)
+        globs = [pattern.casefold() for pattern in ignore]
+        # One expression for every pattern: a name is matched once, not once per pattern.
+        pattern = "|".join(f"(?:{fnmatch.translate(glob)})" for glob in globs)
+        self._ignored = re.compile(pattern).match if globs else None
+
+    def ignored(self, name: str) -> bool:
+        """Whether a file called ``name`` is left out."""
+        return self._ignored is not None and self._ignored(name.casefold()) is not None
+
+    def excluded(self, name: str) -> bool:
+        """Whether a folder called ``name`` is left out, with all it holds."""
+        return name.casefold() in self.exclude
+
+
 class Planner:
     """Checks targets against one middleware's settings.
 
@@ -551,20 +603,27 @@ class Planner:
 
     def __init__(self, settings: Settings) -> None:
         self.roots = settings.roots
-        self.exclude = frozenset(name.casefold() for name in settings.exclude)
-        self.ignore = tuple(pattern.casefold() for pattern in settings.ignore)
-        # One expression for every pattern: a name is matched once, not once per pattern.
-        pattern = "|".join(f"(?:{fnmatch.translate(glob)})" for glob in self.ignore)
-        self._ignored = re.compile(pattern).match if self.ignore else None
+        self.rules = Rules(settings.exclude, settings.ignore)
+        self.exclude = self.rules.exclude
+        self.ignored = self.rules.ignored
         self.shared: SharedWork[Plan] = SharedWork()
         self.walks = threading.BoundedSemaphore(WALKS_AT_ONCE)
         self.cache = PlanCache(settings.plan_cache_entries)
 
     # -- entry point -------------------------------------------------------------
 
-    def plan(self, target: FileTarget | ZipTarget | PathTarget, roots: tuple[str, ...] | None = None) -> Plan:
+    def plan(
+        self, target: FileTarget | SourceTarget | ZipTarget | PathTarget, roots: tuple[str, ...] | None = None
+    ) -> Plan:
         """Check ``target``; ``roots`` narrows the middleware's roots (a resolver's own root)."""
         roots = roots or self.roots
+        if isinstance(target, SourceTarget):
+            source = target.source
+            if not is_versioned(source):
+                problem = "a SourceTarget needs a versioned source: see sources.py"
+                raise RefusedError(500, SERVER_ERROR, problem)
+            name = target.download_name or source.name.rstrip("/").rpartition("/")[2] or "download"
+            return SourcePlan(source, display_name(name), target.mimetype)
         if isinstance(target, ZipTarget) and target.directory is None:
             return ZipPlan(self.plan_entries(target.entries, roots), target.download_name or "download.zip")
         given = target.directory if isinstance(target, ZipTarget) else target.path
@@ -576,7 +635,8 @@ class Planner:
         started = time.time_ns()  # before anything is looked at: see RACY_MARGIN_NS
         opened = self.open(path, roots, folder=False if only_file else None)
         if not stat.S_ISDIR(opened.st.st_mode):  # a file: nothing to share; the response reads it
-            return FilePlan(FileSnapshot.of(opened.real, opened.st), display_name(name), mimetype, opened.fd)
+            file = FileSnapshot.of(opened.real, opened.st, key_base(opened.real, roots))
+            return FilePlan(file, display_name(name), mimetype, opened.fd)
         try:
             # Keyed by what was opened, not by how its path is spelled ("x", "./x", "x/."):
             # concurrent requests for one folder share one walk whatever they asked for, and
@@ -627,7 +687,7 @@ class Planner:
         roots = roots or self.roots
         opened = self.open(self.absolute(path, roots), roots)
         os.close(opened.fd)
-        return FileSnapshot.of(opened.real, opened.st)
+        return FileSnapshot.of(opened.real, opened.st, key_base(opened.real, roots))
 
     # -- explicit entries ------------------------------------------------------------
 
@@ -744,9 +804,6 @@ class Planner:
             return None
         return opened.fd, opened.real, prefix, opened.st
 
-    def ignored(self, name: str) -> bool:
-        return self._ignored is not None and self._ignored(name.casefold()) is not None
-
 
 class _Walk:
     """What one walk has found so far, and the judging of one folder's entries.
@@ -767,6 +824,7 @@ class _Walk:
         self.cacheable = True
         self.ints: dict[int, int] = {}  # one int object per value, shared by the snapshots
         self.base = os.path.join(top.real, "")
+        self.key_base = key_base(top.real, roots)  # of every file found below the top, but through links
 
     def list(self, fd: int, real: str, prefix: str, st: os.stat_result) -> None:
         try:
@@ -831,7 +889,7 @@ class _Walk:
             logger.info("skipping %r: not a regular file or folder", rel)
         elif not self.planner.ignored(name):
             if real is not None:  # through a symlink, opened above: readable
-                file = FileSnapshot.of(real, st)
+                file = FileSnapshot.of(real, st, key_base(real, self.roots))
             elif os.access(name, os.R_OK, dir_fd=fd, effective_ids=True, follow_symlinks=False):
                 # Shared by many files: the folder's path (the top's, where it is plain), and
                 # one int object per value of the device, size and times (files written in bulk
@@ -846,7 +904,8 @@ class _Walk:
                 )
                 folder, rest = (self.base, rel) if plain else (base, name)
                 mtime_ns = ints.setdefault(st.st_mtime_ns, st.st_mtime_ns)
-                file = FileSnapshot(folder, rest, identity, mtime_ns, st.st_nlink, is_executable(st.st_mode))
+                executable = is_executable(st.st_mode)
+                file = FileSnapshot(folder, rest, identity, mtime_ns, st.st_nlink, executable, self.key_base)
                 self.folder.files.append(file)
             else:  # readable now, as a single file's open proves it
                 raise self.unreadable(rel)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import mimetypes
@@ -15,18 +16,29 @@ from werkzeug.wrappers import Response
 from werkzeug.wsgi import wrap_file
 
 from .checksums import ColdCrcWork, client_presence
+from .closing import close_all
 from .conditional import FULL, Outcome, Validators, evaluate
 from .config import Settings
 from .connection import client_socket
 from .crccache import CHECKPOINT_EVERY, CrcCache
-from .errors import RefusedError, StreamError
+from .errors import RefusedError, StreamError, UpstreamError
 from .events import Report
-from .fetching import Fetcher, Policy
+from .fetching import EntryFailed, Fetcher, Policy
 from .names import content_disposition
-from .planning import NOT_FOUND, SERVER_ERROR, FilePlan, FileSnapshot, ZipPlan, close_sources, reopen
+from .planning import (
+    NOT_FOUND,
+    SERVER_ERROR,
+    FilePlan,
+    FileSnapshot,
+    PlannedEntry,
+    SourcePlan,
+    ZipPlan,
+    close_sources,
+    reopen,
+)
 from .types import WSGIEnvironment
 from .zerocopy import ZeroCopy, send_part
-from .zipengine import Layout, ZipRange, ZipStream, archive_validators, merged, needs_zip64
+from .zipengine import Body, Layout, ZipRange, ZipStream, archive_validators, merged, needs_zip64
 
 logger = logging.getLogger("zipmiddleware")
 
@@ -69,9 +81,9 @@ def file_response(
             fd = reopen(checked)
         except OSError as exc:
             raise RefusedError(404, NOT_FOUND, f"cannot send {checked.path!r}: {exc}") from None
-    _device, inode, size, ctime_ns = checked.identity
-    # The ctime too: content rewritten with its mtime set back must not keep its ETag.
-    etag = f"{checked.mtime_ns:x}-{ctime_ns:x}-{size:x}-{inode:x}"
+    size = checked.size
+    # Only what every host with a copy of the file agrees on (see FileSnapshot.key).
+    etag = f"{checked.mtime_ns:x}-{size:x}"
     validators = Validators(etag, _http_time(checked.mtime), size)
     outcome = evaluate(environ, validators)
     if outcome.status not in (200, 206):
@@ -174,6 +186,54 @@ class FileRange:
 
     def close(self) -> None:
         self.file.close()
+
+
+def source_response(plan: SourcePlan, environ: WSGIEnvironment, settings: Settings) -> Response:
+    """A versioned source (an object kept elsewhere) as it is: its exact size, validators
+    from its version, and ranges, which fetch only the bytes they send. Read through a
+    :class:`~.fetching.Fetcher`, so a connection that breaks is resumed where it broke
+    (``retries``), and a version that changed aborts rather than splices."""
+    source = plan.source
+    size = source.size
+    # The version as the origin gives it may hold anything: the ETag is a digest of it.
+    version = hashlib.sha256(repr((source.name, source.version, size)).encode()).hexdigest()[:40]
+    validators = Validators("src-" + version, _http_time(source.mtime), size)
+    outcome = evaluate(environ, validators)
+    if outcome.status not in (200, 206):
+        close_sources(plan)
+        return _bodiless(outcome, validators)
+    start, stop = (0, size) if outcome.status == 200 else (outcome.start, outcome.stop)
+    policy = Policy(0, settings.retries, settings.retry_backoff)
+    body = SourceRange(PlannedEntry(plan.download_name, 0, source=source, size=size), start, stop, policy)
+    mimetype = plan.mimetype or mimetypes.guess_type(plan.download_name)[0] or "application/octet-stream"
+    response = Response(body, mimetype=mimetype, direct_passthrough=True)
+    response.headers["Content-Disposition"] = content_disposition(plan.download_name)
+    response.headers["X-Accel-Buffering"] = "no"
+    response.headers["Accept-Ranges"] = "bytes"
+    response.content_length = size
+    _describe(response, outcome, validators)
+    return response
+
+
+class SourceRange(Body):
+    """Bytes ``[start, stop)`` of a planned entry's versioned source: a WSGI body."""
+
+    def __init__(self, entry: PlannedEntry, start: int, stop: int, policy: Policy) -> None:
+        self.entry, self.start, self.stop = entry, start, stop
+        self.fetcher = Fetcher((entry,), policy)
+        if (start, stop) != (0, entry.size):
+            self.fetcher.limit_to({0: (start, stop)})
+
+    def _chunks(self) -> Iterator[bytes]:
+        if self.stop == self.start:  # an empty object: nothing to fetch
+            return iter(())
+        try:
+            return self.fetcher.begin(0)
+        except EntryFailed as exc:
+            raise UpstreamError(str(exc)) from exc
+
+    def close(self) -> None:
+        close_all([self._output, self.fetcher])
 
 
 def zip_response(

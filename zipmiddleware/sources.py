@@ -62,6 +62,37 @@ def is_restartable(source: object) -> TypeGuard[RestartableSource]:
     return callable(getattr(source, "open", None))
 
 
+class VersionedSource(Protocol):
+    """A restartable source whose version is known before it is read, such as an S3 object
+    listed with its ETag: archives of files and such sources have an exact size, validators
+    and ranges, since their bytes are decided before any of them is read.
+
+    ``name`` and ``version`` identify its bytes on every host ("s3://bucket/key" and the
+    object's ETag): they key its CRC-32 in the cache and go into the archive's ETag.
+    ``open(offset, stop)`` gives bytes ``[offset, stop)`` (``stop`` None: to the end) of that
+    very version, or raises :class:`SourceError` (a changed source is never read).
+    """
+
+    name: str
+    version: str
+    size: int
+    mtime: float
+
+    def open(self, offset: int, stop: int | None = None) -> Iterable[bytes]:
+        """Bytes ``[offset, stop)`` of the version ``version``."""
+        ...
+
+
+def is_versioned(source: object) -> TypeGuard[VersionedSource]:
+    """Whether ``source`` is a :class:`VersionedSource` (its version and size known now)."""
+    return (
+        is_restartable(source)
+        and isinstance(getattr(source, "version", None), str)
+        and isinstance(getattr(source, "name", None), str)
+        and isinstance(getattr(source, "size", None), int)
+    )
+
+
 class SourceError(Exception):
     """Reading a source failed. ``reason`` is safe to show to the downloader (no URL, host or
     path); ``transient`` says whether trying again may help."""

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
-    from .sources import RestartableSource
+    from .sources import RestartableSource, VersionedSource
 
 logger = logging.getLogger("zipmiddleware")
 
@@ -30,6 +30,19 @@ class FileTarget:
     """
 
     path: StrPath
+    download_name: str | None = None
+    mimetype: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceTarget:
+    """Send one versioned source as it is (see :class:`~zipmiddleware.sources.VersionedSource`):
+    an object kept elsewhere, streamed through with its size, validators and ranges.
+
+    >>> SourceTarget(s3_object, download_name="Doom (1993).zip")
+    """
+
+    source: VersionedSource
     download_name: str | None = None
     mimetype: str | None = None
 
@@ -114,7 +127,7 @@ class Failed:
             raise ValueError("Failed status must be an HTTP error status (400-599)")
 
 
-Target: TypeAlias = FileTarget | ZipTarget | Pending | Failed
+Target: TypeAlias = FileTarget | SourceTarget | ZipTarget | Pending | Failed
 
 
 @dataclass(frozen=True)
@@ -154,7 +167,7 @@ def interpret(result: Any) -> Resolved:
     Raises ``TypeError`` for a value that is not a resolver result at all and
     ``ValueError`` for a status row that cannot be served; both become a 500.
     """
-    if result is None or isinstance(result, (FileTarget, ZipTarget, Pending, Failed)):
+    if result is None or isinstance(result, (FileTarget, SourceTarget, ZipTarget, Pending, Failed)):
         return result
     row = _as_mapping(result)
     if row is None or "status" not in row:

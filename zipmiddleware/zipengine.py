@@ -43,6 +43,7 @@ from .events import DONE, FAILED, SKIPPED, Report
 from .fetching import EntryFailed, Fetcher, Policy, failure_reason
 from .names import NameTable
 from .planning import FileSnapshot, PlannedEntry, reopen
+from .sources import is_versioned
 from .zerocopy import ZeroCopy, send_part
 from .zipformat import (
     DEFLATED,
@@ -65,7 +66,7 @@ FLUSH_EVERY = 256
 
 # Everything besides the entries and the settings that decides an archive's bytes. Bump it
 # whenever the same inputs would give other bytes (and so the ETags change once).
-FORMAT = "zipmiddleware-zip/2"
+FORMAT = "zipmiddleware-zip/3"
 
 
 def member(
@@ -333,7 +334,7 @@ class ZipStream(Body):
         if not header.zip64 and compressed > ZIP64_LIMIT:
             raise StreamError(f"{entry.arcname!r}: compressed to more than {ZIP64_LIMIT} bytes")
         if entry.file is not None:
-            self._learnt[entry.file.identity] = crc
+            self._learnt[entry.file.key] = crc
         if expected is not None and crc != expected:
             raise StreamError(f"{entry.arcname!r}: its data no longer gives the CRC-32 its header holds")
         if header.descriptor:
@@ -344,9 +345,9 @@ class ZipStream(Body):
     def _file_crc(self, arcname: str, file: FileSnapshot) -> int:
         """A file's CRC-32 before it is sent: from the cache, else by reading it once."""
         if self.crc_cache is not None:
-            cached = self.crc_cache.get_many({file.identity})
-            if file.identity in cached:
-                return cached[file.identity]
+            cached = self.crc_cache.get_many({file.key})
+            if file.key in cached:
+                return cached[file.key]
         crc = 0
         for piece in read_file(arcname, file, self.chunk_size):
             crc = compression.crc32(piece, crc)
@@ -478,26 +479,42 @@ class Layout:
         return end_records(len(self.entries), self.directory_offset, self.directory_size)
 
 
+def is_stable(entry: PlannedEntry) -> bool:
+    """Whether ``entry``'s bytes are decided before any of them is read: a file, or a versioned
+    source (see sources.py) of its own size. An archive of such entries has validators and
+    ranges; one with any other source is written once, from start to end."""
+    source = entry.source
+    return source is None or (is_versioned(source) and entry.size == source.size)
+
+
 def archive_validators(
     entries: tuple[PlannedEntry, ...], compression_level: int, zip64: bool, data_descriptors: bool = True
 ) -> tuple[str, float] | None:
-    """A strong ETag and the newest mtime for an archive of files; None if any entry is a source.
+    """A strong ETag and the newest mtime for an archive of stable entries (see
+    :func:`is_stable`); None if any entry is another source.
 
-    The ETag covers everything that decides the bytes: each entry's name, date, mode and
-    file (device, inode, size, ctime in ns), the settings that shape the archive, the
-    compressor's name and version when deflating (its bytes are its own), and the format.
+    The ETag covers everything that decides the bytes, and nothing else, so that every host
+    with copies of the same files gives the same: each entry's name, date, mode and content
+    (a file's size and mtime in ns; a versioned source's name, version and size), the
+    settings that shape the archive, the compressor's name and version when deflating (its
+    bytes are its own), and the format.
     """
-    if not entries or any(entry.file is None for entry in entries):
+    if not entries or not all(is_stable(entry) for entry in entries):
         return None
     digest = hashlib.sha256(repr((FORMAT, compression_level, zip64, data_descriptors)).encode())
     if compression_level:
         digest.update(compression.COMPRESSOR.encode())
     newest = 0.0
     for entry in entries:
-        assert entry.file is not None
-        file = entry.file
-        digest.update(repr((entry.arcname, entry.mtime, file.executable, file.identity)).encode() + b"\0")
-        newest = max(newest, file.mtime)
+        file, source = entry.file, entry.source
+        if file is not None:
+            content: tuple[object, ...] = (file.executable, file.size, file.mtime_ns)
+            newest = max(newest, file.mtime)
+        else:
+            assert is_versioned(source)
+            content = (source.name, source.version, source.size)
+            newest = max(newest, float(entry.mtime))
+        digest.update(repr((entry.arcname, entry.mtime, content)).encode() + b"\0")
     return "zip-" + digest.hexdigest()[:40], newest
 
 
@@ -532,8 +549,9 @@ class ZipRange(Body):
     ) -> None:
         if not 0 <= start < stop <= layout.length:
             raise ValueError(f"range {start}-{stop} outside an archive of {layout.length} bytes")
-        if (start, stop) != (0, layout.length) and any(entry.file is None for entry in layout.entries):
-            raise ValueError("a source can only be read from its start: only the whole archive has sources")
+        whole = (start, stop) == (0, layout.length)
+        if not whole and not all(is_stable(entry) for entry in layout.entries):
+            raise ValueError("a range of an archive needs files and versioned sources only")
         self.layout = layout
         self.start = start
         self.stop = stop
@@ -545,6 +563,11 @@ class ZipRange(Body):
         self.zero_copy = zero_copy
         self.fetcher = fetcher or Fetcher(layout.entries, Policy())
         self.report = report or Report()
+        # Versioned sources are read like files: a part, CRC-32s cached (sources: whole, once).
+        self._versioned = {i for i, e in enumerate(layout.entries) if e.source is not None and is_stable(e)}
+        if not whole:  # only the parts of the sources the range sends are fetched
+            spans = {index: self._read_span(index) for index in self._versioned}
+            self.fetcher.limit_to({index: span for index, span in spans.items() if span is not None})
         # Admitted by cold_work.reserve(): released once the cold work is done (or at close).
         self.reserved = False
         self._cold_pending: set[int] = set()  # entries whose CRC-32 needs reading without sending
@@ -624,8 +647,8 @@ class ZipRange(Body):
                 entry = self.layout.entries[index]
                 if not entry.size:
                     self._crcs[index] = 0
-                elif entry.file is not None:
-                    keys[index] = entry.file.identity
+                elif entry.file is not None or index in self._versioned:
+                    keys[index] = self._key(index)
             if keys and self.crc_cache is not None:
                 found = self.crc_cache.get_many(set(keys.values()))
                 self._cached = {index: found[key] for index, key in keys.items() if key in found}
@@ -729,18 +752,17 @@ class ZipRange(Body):
                 crc = self._crc(index) if entry.size and self._header_first(index) else 0
                 yield self._window(offset, layout.local_header(index, crc))
             span = self._read_span(index)
-            if entry.source is not None:  # the whole archive: read in full, CRC-32 on the way
-                yield from self._source(index)
+            if entry.source is not None and index not in self._versioned:
+                yield from self._source(index)  # the whole archive: read in full, CRC-32 on the way
             elif entry.size and span is not None:
-                assert entry.file is not None
                 low, high = span
                 crcs = self._look_up()
                 cold = index in self._needed_set and index not in crcs
                 # A file read whole checks its cached CRC-32 on the way. The zero-copy path, whose
                 # point is not to read what it sends, does so only until this process has seen
                 # the data give that value (so a forged row is still corrected once per process).
-                trusted = index in crcs and self.cold_work.confirmed(entry.file.identity, crcs[index])
-                check = low == 0 and (self.zero_copy is None or not trusted)
+                trusted = index in crcs and self.cold_work.confirmed(self._key(index), crcs[index])
+                check = low == 0 and (self.zero_copy is None or entry.file is None or not trusted)
                 if high == entry.size and (check or cold):
                     yield from self._read_learning(index, low)
                 else:  # the CRC-32 is cached, or not needed here
@@ -791,10 +813,20 @@ class ZipRange(Body):
 
     # -- CRC-32s -----------------------------------------------------------------------
 
+    def _key(self, index: int) -> Key:
+        """What entry ``index``'s content is known by in the cache (a file or versioned source)."""
+        entry = self.layout.entries[index]
+        if entry.file is not None:
+            return entry.file.key
+        source = entry.source
+        assert is_versioned(source)
+        return Key(source.name, source.size, source.version)
+
     def _reader(self, index: int) -> Callable[[int, int], Iterator[bytes]]:
         entry = self.layout.entries[index]
-        assert entry.file is not None
         file = entry.file
+        if file is None:  # a versioned source
+            return lambda low, high: self.fetcher.read(index, low, high)
         return lambda low, high: read_file(entry.arcname, file, self.chunk_size, low, high)
 
     def _crc(self, index: int) -> int:
@@ -802,12 +834,11 @@ class ZipRange(Body):
         crcs = self._look_up()
         if index not in crcs:
             entry = self.layout.entries[index]
-            assert entry.file is not None and entry.size is not None
+            assert entry.size is not None
             start = self._best_checkpoint(index, entry.size)
-            crcs[index] = self.cold_work.prefix(
-                entry.file.identity, entry.size, self._reader(index), start, self.present
-            )
-            self.cold_work.confirm(entry.file.identity, crcs[index])
+            key = self._key(index)
+            crcs[index] = self.cold_work.prefix(key, entry.size, self._reader(index), start, self.present)
+            self.cold_work.confirm(key, crcs[index])
             self._cold_done(index)
         self._sent.setdefault(index, crcs[index])
         return crcs[index]
@@ -823,8 +854,8 @@ class ZipRange(Body):
         range and leaves costs what it received, not a head it never waited for.
         """
         entry = self.layout.entries[index]
-        assert entry.file is not None and entry.size is not None
-        key = entry.file.identity
+        assert entry.size is not None
+        key = self._key(index)
         nearest = self._best_checkpoint(index, low)
         head_known = nearest[0] == low  # low == 0 included
         running = RunningCrc(nearest if head_known else (low, 0))
@@ -843,9 +874,7 @@ class ZipRange(Body):
     def _join_head(self, index: int, low: int, nearest: Checkpoint, tail: RunningCrc) -> None:
         """Make ``tail`` (the CRC-32 of ``[low, ...)``) that of ``[0, ...)``: the CRC-32 of
         the head ``[0, low)`` is learnt (cold work) and joined to it."""
-        entry = self.layout.entries[index]
-        assert entry.file is not None
-        head = self.cold_work.prefix(entry.file.identity, low, self._reader(index), nearest, self.present)
+        head = self.cold_work.prefix(self._key(index), low, self._reader(index), nearest, self.present)
         self._cold_done(index)
         tail.crc, tail.points = crc32_combine(head, tail.crc, tail.offset - low), []
 
@@ -857,7 +886,9 @@ class ZipRange(Body):
         a reader thread when sent directly and ``ahead``: then ``running`` is complete only
         once this ends, so nothing may look at it meanwhile)."""
         entry = self.layout.entries[index]
-        assert entry.file is not None
+        if entry.file is None:  # a versioned source: its part, fetched
+            yield from self._fetched(index, low, running)
+            return
         # Data shorter than a chunk goes the ordinary way, merged with the headers around it: a
         # direct send would cost more (a write of the headers before it, a sendfile) than it saves.
         if self.zero_copy is not None and high - low >= self.chunk_size:
@@ -874,17 +905,37 @@ class ZipRange(Body):
                 running.update(piece)
             yield piece
 
+    def _fetched(self, index: int, low: int, running: RunningCrc | None) -> Iterator[bytes]:
+        """Entry ``index``'s versioned source from ``low`` to where the range stops."""
+        entry = self.layout.entries[index]
+        try:
+            pieces = self.fetcher.begin(index)
+        except EntryFailed as exc:  # a sized archive cannot leave an entry out
+            self.report.entry(entry.arcname, FAILED, 0, exc.attempts, exc.reason)
+            raise UpstreamError(str(exc)) from exc
+        received = 0
+        try:
+            for piece in pieces:
+                received += len(piece)
+                if running is not None:
+                    running.update(piece)
+                yield piece
+        except StreamError as exc:
+            attempts = self.fetcher.attempts_of(index)
+            self.report.entry(entry.arcname, FAILED, low + received, attempts, failure_reason(exc))
+            raise
+
     def _learn(self, index: int, crc: int) -> None:
         """A CRC-32 computed from the data: it wins over the cache's."""
         entry = self.layout.entries[index]
-        assert entry.file is not None
+        key = self._key(index)
         cached = self._cached.pop(index, None)
         self._look_up()[index] = crc
-        self.cold_work.confirm(entry.file.identity, crc)
+        self.cold_work.confirm(key, crc)
         sent = self._sent.get(index, crc)
         if cached != crc:
-            self._learnt[entry.file.identity] = crc
-            if entry.file.size >= CHECKPOINT_EVERY:  # a big file: worth a write of its own at once
+            self._learnt[key] = crc
+            if (entry.size or 0) >= CHECKPOINT_EVERY:  # a big file: worth a write of its own at once
                 self._flush()
             if cached is not None:
                 logger.error(
