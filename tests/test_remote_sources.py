@@ -485,6 +485,47 @@ def test_close_stops_requests_still_waiting_for_their_answer(
     assert all(record.client_gone for record in proxy.requests)
 
 
+def test_close_ends_a_blocked_read_of_an_answer_that_closes_its_connection() -> None:
+    """An origin answering "Connection: close" (http.client then hands the socket over to the
+    answer): a read blocked in its body still ends at once when the download ends."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        accepted.append(connection)
+        connection.recv(65536)
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\nConnection: close\r\n\r\n"
+        connection.sendall(head + b"x" * 1000)  # then nothing more: the read blocks
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        source = UrlSource(f"http://127.0.0.1:{listener.getsockname()[1]}/f", size=1_000_000, timeout=30)
+        stream = source.open(0)
+        failures: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                for _ in stream:
+                    pass
+            except Exception as exc:
+                failures.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.3)
+        closed = time.monotonic()
+        source.close()
+        reader.join(2)
+        assert not reader.is_alive() and time.monotonic() - closed < 1
+        assert isinstance(failures[0], SourceError)
+    finally:
+        listener.close()
+        for connection in accepted:
+            connection.close()
+
+
 @pytest.mark.server
 def test_a_first_entry_that_fails_gets_a_502_from_gunicorn(
     proxy: FaultProxy, files: dict[str, bytes], remote_server: Callable[..., GunicornServer], tmp_path: Path

@@ -147,13 +147,15 @@ def is_transient(exc: BaseException) -> bool:
 
 # -- connections that can be shut down from another thread ---------------------------------
 
-_requesting = threading.local()  # the UrlStream whose request this thread is sending
+# The stream (a UrlStream, an s3.S3Stream) whose request this thread is sending.
+requesting = threading.local()
 
 
-class _Tracked:
-    """Mixed into urllib3's connections: the stream being opened learns its connection once it
-    is connected and as the request is sent, so that it can shut the socket down while the
-    response is awaited (a stream closed while connecting shuts it down as soon as it is)."""
+class Tracked:
+    """Mixed into urllib3's connections (and botocore's, which are urllib3's): the stream being
+    opened learns its connection once it is connected and as the request is sent, so that it
+    can shut the socket down while the response is awaited (a stream closed while connecting
+    shuts it down as soon as it is)."""
 
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
@@ -165,16 +167,16 @@ class _Tracked:
 
 
 def _attach(connection: Any) -> None:
-    stream = getattr(_requesting, "stream", None)
+    stream = getattr(requesting, "stream", None)
     if stream is not None:
         stream.attach(connection)
 
 
-class _HTTPConnection(_Tracked, HTTPConnection):
+class _HTTPConnection(Tracked, HTTPConnection):
     pass
 
 
-class _HTTPSConnection(_Tracked, HTTPSConnection):
+class _HTTPSConnection(Tracked, HTTPSConnection):
     pass
 
 
@@ -386,6 +388,9 @@ class UrlStream:
         self.offset = offset
         self._lock = threading.Lock()
         self._connection: Any = None  # the socket's owner while this stream uses it
+        # Its socket, as it was when the request went out: an answer with "Connection: close"
+        # takes the socket from the connection (http.client), which then has none to shut down.
+        self._socket: socket.socket | None = None
         self._response: urllib3.BaseHTTPResponse | None = None
         self._closed = False
         self._empty = False  # the answer says nothing is left from offset
@@ -393,6 +398,7 @@ class UrlStream:
     def attach(self, connection: Any) -> None:
         with self._lock:
             self._connection = connection
+            self._socket = getattr(connection, "sock", None) or self._socket
             closed = self._closed
         if closed:
             self._shut_down()
@@ -411,7 +417,7 @@ class UrlStream:
             raise_on_redirect=True,
             remove_headers_on_redirect=private,
         )
-        _requesting.stream = self
+        requesting.stream = self
         try:
             if self._closed:
                 raise OSError("closed before it was sent")
@@ -432,7 +438,7 @@ class UrlStream:
             detail = f"{_without_query(source.url)}: {described(exc)}"
             raise SourceError(connection_failure(exc), detail=detail) from None
         finally:
-            _requesting.stream = None
+            requesting.stream = None
         with self._lock:
             self._response = response
             closed = self._closed
@@ -470,7 +476,7 @@ class UrlStream:
         """Read to its end: the connection goes back to the pool; else it is dropped."""
         response = self._response
         with self._lock:
-            self._connection = None  # no longer this stream's to shut down
+            self._connection = self._socket = None  # no longer this stream's to shut down
             closed = self._closed
             self._closed = True
         self.source._done(self)
@@ -483,8 +489,8 @@ class UrlStream:
 
     def _shut_down(self) -> None:
         with self._lock:
-            connection = self._connection
-        sock = getattr(connection, "sock", None)
+            connection, sock = self._connection, self._socket
+        sock = getattr(connection, "sock", None) or sock
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
