@@ -375,15 +375,34 @@ def _routes(key: str, value: Any) -> tuple[tuple[str, Resolver], ...]:
 
 
 def _crc_cache(key: str, value: Any) -> CrcCache | None:
-    """An SQLite file path, ``":memory:"``, or an object with ``get_many``/``put_many``.
+    """An SQLite file path, ``":memory:"``, a database URL, or an object with ``get_many``/``put_many``.
 
     Empty or None: the default, a per-user file chosen by each worker (see crccache.py).
     A path is checked now, by writing to it as the user gunicorn's workers will run as.
+    A URL (text with "://"): ``sqlite:////srv/crc.sqlite`` is that file, as its path would be;
+    any other (``postgresql+psycopg://user:password@host/db``) is a store that many hosts share
+    (see crcdatabase.py): its URL and driver are checked now, not the database (one that is down
+    when the application starts does not stop it).
     """
     if isinstance(value, str):
         value = value.strip()
     if value is None or value == "":
         return None
+    if isinstance(value, str) and "://" in value:
+        scheme, _, rest = value.partition("://")
+        if scheme.split("+")[0].lower() != "sqlite":
+            from .crcdatabase import DatabaseCrcCache
+
+            try:
+                return DatabaseCrcCache(value)
+            except ConfigError as exc:  # named as the setting was spelt
+                raise ConfigError(key, exc.problem) from None
+        from urllib.parse import unquote
+
+        path = unquote(rest[1:]) if rest.startswith("/") and "?" not in rest else None
+        if rest and (path is None or (path and path != MEMORY and not os.path.isabs(path))):
+            raise ConfigError(key, f"expected sqlite:////absolute/file.sqlite (4 slashes), got {value!r}")
+        value = path or MEMORY
     if value == MEMORY:
         return SQLiteCrcCache(MEMORY)
     if isinstance(value, (str, os.PathLike)):
@@ -477,6 +496,11 @@ def build_settings(options: Mapping[str, Any], names: Mapping[str, str] | None =
         roots += [root for root in getattr(resolver, "roots", ()) if root not in roots]
     if roots:
         values["roots"] = tuple(roots)
+    # A built-in resolver that lists folders itself (s3) skips what the middleware's walks skip.
+    for _, resolver in values.get("routes", ()):
+        use_rules = getattr(resolver, "use_rules", None)
+        if callable(use_rules):
+            use_rules(values.get("exclude", ()), values.get("ignore", ()))
     return Settings(**values)
 
 

@@ -44,9 +44,11 @@ logger = logging.getLogger("zipmiddleware")
 
 class Key(NamedTuple):
     """A file's content as far as the cache (and the validators) know, the same on every host
-    that has a copy of it: for a file, its root's position in ``roots`` and its path below it,
-    its size and its mtime in ns; for an object, its bucket and key, size and ETag. So what
-    one host learns serves all of them (see :mod:`.crcdatabase` for a store they share)."""
+    that has a copy of it: for a file, its path from its root folder's name on, its size and
+    its mtime in ns (see ``planning.FileSnapshot.key``); for a versioned source such as an S3
+    object, its name ("s3://bucket/key"), size and version (the ETag). So what one host learns
+    serves all of them (see :mod:`.crcdatabase` for a store they share). ``name`` is text any
+    store can keep (see :func:`storable_name`)."""
 
     name: str
     size: int
@@ -81,6 +83,18 @@ class CrcCache(Protocol):
 
     def put_many(self, items: Mapping[Key, int]) -> None:
         """Remember these CRC-32s. Must never raise for a storage problem: log it."""
+
+
+def storable_name(name: str) -> str:
+    """``name`` as text every store can keep: a name from the file system that is no UTF-8 (its
+    bytes escaped as lone surrogates), or holds a NUL, is written with backslash escapes."""
+    if name.isascii() and "\0" not in name:
+        return name
+    try:
+        raw = name.encode("utf-8", "surrogateescape")  # os.fsdecode's escapes: the bytes themselves
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace").replace("\0", "\\x00")
 
 
 def guard(key: Key, offset: int, crc: int) -> int:
