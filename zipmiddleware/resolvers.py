@@ -5,6 +5,7 @@ In a TOML file, an .ini or ``app.config`` a route says which one and with what::
 
     "/files/<path:subpath>" = { resolver = "directory", root = "/srv/games" }
     "/requests/<int:id>" = { resolver = "sql", url = "sqlite:///app.db", query = "SELECT ..." }
+    "/objects/<path:subpath>" = { resolver = "s3", bucket = "my-games", prefix = "games/" }
 
 A built-in resolver's ``root`` is added to the middleware's ``roots``, so a route
 configured this way needs nothing else.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from werkzeug.wrappers import Request
 
@@ -23,6 +24,9 @@ from .config import real_folder
 from .confinement import is_inside
 from .errors import ConfigError
 from .targets import FileTarget, StrPath, ZipTarget
+
+if TYPE_CHECKING:
+    from .s3 import S3Resolver  # imported when used: boto3 is needed only then
 
 # Route arguments a path-serving resolver looks for, in this order, when the rule has several.
 PATH_ARGUMENTS = ("subpath", "path")
@@ -34,7 +38,35 @@ def _real_folder(key: str, root: Any) -> str:
     return real_folder(key, root)
 
 
-class DirectoryResolver:
+class PathResolver:
+    """What resolvers that serve the path a route captured share: which argument holds it.
+
+    ``argument`` names it; by default ``subpath``, ``path``, or the rule's only argument.
+    """
+
+    def __init__(self, argument: str | None = None) -> None:
+        if argument is not None and not isinstance(argument, str):
+            raise ConfigError("argument", f"expected the name of a route argument, got {argument!r}")
+        self.argument = argument
+
+    def check_arguments(self, names: Collection[str]) -> None:
+        """Called for each rule this resolver serves: one argument must hold the path."""
+        if self.argument is not None and self.argument not in names:
+            raise ConfigError("argument", f"the rule has no argument {self.argument!r}")
+        if self.argument is None and len(names) > 1 and not any(name in names for name in PATH_ARGUMENTS):
+            raise ConfigError("argument", f"say which argument holds the path: {sorted(names)}")
+
+    def subpath(self, args: Mapping[str, Any]) -> str:
+        """The captured path: the named argument, else ``subpath``, ``path`` or the only one."""
+        if self.argument is not None:
+            return str(args[self.argument])
+        for name in PATH_ARGUMENTS:
+            if name in args:
+                return str(args[name])
+        return str(next(iter(args.values()))) if len(args) == 1 else ""
+
+
+class DirectoryResolver(PathResolver):
     """Serve what lies under ``root`` at the captured path: a file as it is, a folder as a ZIP.
 
     A folder is zipped with the middleware's ``exclude`` and ``ignore`` rules, and a
@@ -48,28 +80,10 @@ class DirectoryResolver:
         # What it returns is opened inside this root only, not any of the middleware's roots,
         # so that a symlink swapped in cannot lead one route into another route's files.
         self.confine_to = self.roots
-        if argument is not None and not isinstance(argument, str):
-            raise ConfigError("argument", f"expected the name of a route argument, got {argument!r}")
-        self.argument = argument
+        super().__init__(argument)
 
     def __repr__(self) -> str:
         return f"directory(root={self.root!r})"
-
-    def check_arguments(self, names: Collection[str]) -> None:
-        """Called for each rule this resolver serves: one argument must hold the path."""
-        if self.argument is not None and self.argument not in names:
-            raise ConfigError("argument", f"the rule has no argument {self.argument!r}")
-        if self.argument is None and len(names) > 1 and not any(name in names for name in PATH_ARGUMENTS):
-            raise ConfigError("argument", f"say which argument holds the path: {sorted(names)}")
-
-    def subpath(self, args: Mapping[str, Any]) -> str:
-        """The path below root: the named argument, else ``subpath``, ``path`` or the only one."""
-        if self.argument is not None:
-            return str(args[self.argument])
-        for name in PATH_ARGUMENTS:
-            if name in args:
-                return str(args[name])
-        return str(next(iter(args.values()))) if len(args) == 1 else ""
 
     def __call__(self, request: Request, **args: Any) -> FileTarget | ZipTarget | None:
         subpath = self.subpath(args)
@@ -191,4 +205,31 @@ def _hidden_password(url: str) -> str:
         return "<database URL>"
 
 
-BUILT_IN: Mapping[str, Any] = {"directory": directory, "sql": sql}
+def s3(
+    bucket: str,
+    prefix: str = "",
+    endpoint_url: str | None = None,
+    region_name: str | None = None,
+    argument: str | None = None,
+) -> S3Resolver:
+    """A resolver serving the objects of ``bucket`` below ``prefix``: an object as it is, a
+    "folder" of keys as a ZIP (see :class:`zipmiddleware.s3.S3Resolver`). Needs boto3.
+
+    ``endpoint_url`` is that of a store other than AWS (MinIO, Ceph, R2...); ``region_name``
+    the bucket's region where boto3's configuration does not say it; ``argument`` names the
+    route argument holding the path below ``prefix`` (by default ``subpath``, ``path``, or the
+    rule's only argument; a rule with none serves the whole prefix).
+
+    >>> ZipMiddleware(app, routes={"/games/<path:subpath>": s3(bucket="my-games", prefix="games/")})
+    """
+    try:
+        from .s3 import S3Resolver
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] not in ("boto3", "botocore"):
+            raise
+        needs = "the s3 resolver needs boto3: pip install 'zipmiddleware[s3]'"
+        raise ConfigError("resolver", needs) from None
+    return S3Resolver(bucket, prefix, endpoint_url, region_name, argument)
+
+
+BUILT_IN: Mapping[str, Any] = {"directory": directory, "sql": sql, "s3": s3}
