@@ -8,6 +8,7 @@ import io
 import os
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from werkzeug.test import Client, EnvironBuilder, TestResponse
 
 from zipmiddleware import ZipEntry, ZipMiddleware, ZipTarget
-from zipmiddleware.crccache import SQLiteCrcCache
+from zipmiddleware.crccache import Key, SQLiteCrcCache
 from zipmiddleware.errors import StreamError
 
 from .conftest import plain_app, read_zip, write_tree
@@ -139,9 +140,10 @@ def test_a_wrong_cached_crc_in_a_header_aborts_and_is_corrected(tree: Path, tmp_
     cache = tmp_path / "c.sqlite"
     good = get(client_for(tree, cache)).data
     st = (tree / "b/c.bin").stat()
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
+    key = Key("game/b/c.bin", st.st_size, str(st.st_mtime_ns))  # from the root's name on: tree is .../game
     store = SQLiteCrcCache(cache)
     right = store.get_many([key])[key]
+    assert right == zlib.crc32((tree / "b/c.bin").read_bytes())
     store.put_many({key: right ^ 1})  # with a valid check value: as if someone recomputed it
     response = client_for(tree, cache).get("/d", buffered=False)  # a new middleware: nothing confirmed
     with pytest.raises(StreamError, match="does not give"):

@@ -42,6 +42,7 @@ from pathlib import Path
 import pytest
 
 from zipmiddleware import crccache
+from zipmiddleware.crccache import Key
 
 from .clients import (
     TOOL_ENV,
@@ -71,9 +72,7 @@ HOOKS = ["-c", str(TESTS / "gunicorn_hooks.py")]
 RECHECK_SECONDS = getattr(crccache, "RECHECK_SECONDS", 5.0)
 # A wrong CRC-32 that still carries a valid check value: only someone able to write the cache
 # (and to run the package's own function) can make one.
-guard = getattr(crccache, "guard", None)
-
-Key = tuple[int, int, int, int]
+guard = crccache.guard
 
 
 def random_bytes(seed: int, size: int) -> bytes:
@@ -187,8 +186,9 @@ def open_sqlite_files(pid: int) -> list[str]:
 
 
 def crc_tables(connection: sqlite3.Connection) -> dict[str, list[str]]:
-    """The cache's tables that hold CRC-32s, with their columns: ``file_crc`` and ``prefix_crc``
-    (rows with a check value, ``guard``); before these fixes a single ``crc32``, without one."""
+    """The cache's tables that hold CRC-32s, with their columns: ``file_crc`` (whole files) and
+    ``prefix_crc`` (checkpoints), each row keyed by ``name, size, version`` and carrying a check
+    value, ``guard``."""
     names = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
     tables = {}
     for name in names:
@@ -199,32 +199,30 @@ def crc_tables(connection: sqlite3.Connection) -> dict[str, list[str]]:
 
 
 def whole_file_crcs(cache: Path) -> dict[Key, int]:
-    """The CRC-32 of every whole file in the cache, keyed as the package keys it (unsigned)."""
+    """The CRC-32 of every whole file in the cache, keyed as the package keys it."""
     if not cache.is_file():
         return {}
     connection = sqlite3.connect(f"file:{cache}?mode=ro", uri=True, timeout=10)
     try:
-        table = "file_crc" if "file_crc" in crc_tables(connection) else "crc32"
-        key = "ctime_ns" if table == "file_crc" else "mtime_ns"  # the landed format keyed by mtime
-        rows = connection.execute(f"SELECT device, inode, size, {key}, crc FROM {table}").fetchall()
+        rows = connection.execute("SELECT name, size, version, crc FROM file_crc").fetchall()
     except sqlite3.OperationalError:  # created, but no table yet
         return {}
     finally:
         connection.close()
-    found = {}
-    for device, inode, size, stamp, crc in rows:
-        unsigned = [v + (1 << 64) if v < 0 else v for v in (device, inode, size, stamp)]
-        found[(unsigned[0], unsigned[1], unsigned[2], unsigned[3])] = crc
-    return found
+    return {Key(name, size, version): crc for name, size, version, crc in rows}
 
 
-def file_keys(root: Path, files: dict[str, bytes]) -> dict[Key, int]:
-    """What a correct cache holds for ``files``: key -> CRC-32 (empty files are never stored)."""
+def file_keys(data: Path, folder: str, files: dict[str, bytes]) -> dict[Key, int]:
+    """What a correct cache holds for ``files`` in ``data``/``folder`` (``data`` being the
+    server's root): key -> CRC-32 (empty files are never stored). A file's key is the same on
+    every host with a copy of it: its path from the root's own name on, its size and its mtime
+    in ns (no device, inode or ctime)."""
+    top = Path(os.path.realpath(data))
     keys = {}
-    for rel, data in files.items():
-        if data:
-            st = os.stat(root / rel)
-            keys[(st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)] = zlib.crc32(data)
+    for rel, content in files.items():
+        if content:
+            st = os.stat(top / folder / rel)
+            keys[Key(f"{top.name}/{folder}/{rel}", st.st_size, str(st.st_mtime_ns))] = zlib.crc32(content)
     return keys
 
 
@@ -370,7 +368,7 @@ def test_a_cache_in_a_folder_of_the_workers_user_is_used_by_every_worker(shared:
         assert cache.stat().st_uid == nobody.uid, (
             "the cache file was created by root, not by the workers' user"
         )
-        expected = file_keys(data / "game", GAME_FILES) | file_keys(data / "small", SMALL_FILES)
+        expected = file_keys(data, "game", GAME_FILES) | file_keys(data, "small", SMALL_FILES)
         assert wait_for(lambda: whole_file_crcs(cache) == expected, 10), (
             whole_file_crcs(cache),
             server.log()[-3000:],
@@ -417,7 +415,7 @@ def test_a_cache_broken_at_run_time_is_logged_once_and_bypassed(
         worker = server.worker_pid
         response, body = request(server, "GET", "/folder/small")
         assert response.status == 200 and entries(body) == SMALL_FILES
-        expected = file_keys(data / "small", SMALL_FILES)
+        expected = file_keys(data, "small", SMALL_FILES)
         assert wait_for(lambda: whole_file_crcs(cache) == expected, 5), server.log()[-3000:]
 
         break_cache(cache, breakage)
@@ -453,29 +451,19 @@ def damage_crcs(cache: Path) -> int:
 
 
 def forge_crcs(cache: Path) -> int:
-    """Replace every whole file's CRC-32 by a wrong one (bit 0 flipped) and, where rows carry a
-    check value, recompute it with the package's own function, so the row looks intact."""
+    """Replace every whole file's CRC-32 by a wrong one (bit 0 flipped) and recompute its row's
+    check value with the package's own function, so the row looks intact."""
     connection = sqlite3.connect(cache, timeout=10)
     try:
         with connection:
-            tables = crc_tables(connection)
-            table = "file_crc" if "file_crc" in tables else "crc32"
-            key = "ctime_ns" if table == "file_crc" else "mtime_ns"  # the landed format keyed by mtime
-            rows = connection.execute(f"SELECT device, inode, size, {key}, crc FROM {table}").fetchall()
-            for device, inode, size, stamp, crc in rows:
+            rows = connection.execute("SELECT name, size, version, crc FROM file_crc").fetchall()
+            for name, size, version, crc in rows:
                 wrong = crc ^ 1
-                where = f"device = ? AND inode = ? AND size = ? AND {key} = ?"
-                if "guard" in tables[table]:
-                    assert guard is not None
-                    check = guard((device, inode, size, stamp), size, wrong)
-                    connection.execute(
-                        f"UPDATE {table} SET crc = ?, guard = ? WHERE {where}",
-                        (wrong, check, device, inode, size, stamp),
-                    )
-                else:
-                    connection.execute(
-                        f"UPDATE {table} SET crc = ? WHERE {where}", (wrong, device, inode, size, stamp)
-                    )
+                check = guard(Key(name, size, version), size, wrong)
+                connection.execute(
+                    "UPDATE file_crc SET crc = ?, guard = ? WHERE name = ? AND size = ? AND version = ?",
+                    (wrong, check, name, size, version),
+                )
             return len(rows)
     finally:
         connection.close()
@@ -504,7 +492,7 @@ def test_resume_with_damaged_cached_crcs_gives_an_exact_archive(
     url = f"{server.url}/folder/game"
     full = curl_download(url, tmp_path, "full.zip")
     assert_good_zip(full.path, GAME_FILES)
-    expected = file_keys(data / "game", GAME_FILES)
+    expected = file_keys(data, "game", GAME_FILES)
     assert wait_for(lambda: whole_file_crcs(cache) == expected, 5), server.log()[-3000:]
 
     output = tmp_path / "resumed.zip"
@@ -537,7 +525,7 @@ def test_forged_cached_crcs_are_corrected_by_a_full_download(
     server, data, cache = game_server
     url = f"{server.url}/folder/game"
     first = curl_download(url, tmp_path, "first.zip")
-    expected = file_keys(data / "game", GAME_FILES)
+    expected = file_keys(data, "game", GAME_FILES)
     assert wait_for(lambda: whole_file_crcs(cache) == expected, 5), server.log()[-3000:]
     assert forge_crcs(cache) == len(expected)
     assert all(whole_file_crcs(cache)[key] == crc ^ 1 for key, crc in expected.items())
@@ -694,7 +682,9 @@ def test_a_range_of_a_file_rewritten_in_place_is_aborted(
                 file.write(bytes(byte ^ 0xFF for byte in old[40 * MIB : 41 * MIB]) * 8)
             else:
                 file.truncate(32 * MIB)
-        if change.endswith("set back"):  # rsync --inplace --times, cp -p, touch -r: only the ctime tells
+        # rsync --inplace --times, cp -p, touch -r: the ETag (mtime and size) stays the same, by
+        # design; only the ctime tells, and the check while sending still looks at it.
+        if change.endswith("set back"):
             os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
         _, stderr = curl.communicate(timeout=60)
     finally:

@@ -167,7 +167,8 @@ def change_renamed(root: Path) -> None:
 
 
 def change_rewritten_in_place(root: Path) -> None:
-    """Same size, same mtime (set back): only the ctime tells."""
+    """Same size, same mtime (set back): only the ctime tells (the plan cache looks at it; the
+    ETag, by design, does not)."""
     path = root / "game" / "sub" / "c.txt"
     before = path.stat()
     with open(path, "r+b") as file:
@@ -616,11 +617,18 @@ def test_through_gunicorn_each_change_is_seen_by_the_next_request(
         assert served.walks() == walks + 1, f"{change}: the second request walked again"
         make(data / change.replace(" ", "-"))
         after = served.head(name)
-        assert after[1] != before[1], f"{change}: the next request kept the old ETag"
+        if change == "rewritten in place":
+            # The ETag covers each file's size and mtime, not its ctime (nor its device or inode), so
+            # that every host with a copy gives the same one: a rewrite of the same size with the mtime
+            # set back (rsync --inplace --times, touch -r) keeps it, as with nginx's and Apache's
+            # mtime-size ETags. The plan still sees the change: the body has the new bytes.
+            assert after == before, f"{change}: the ETag or the length changed"
+        else:
+            assert after[1] != before[1], f"{change}: the next request kept the old ETag"
         changed = served.entries(name)
         assert changed != entries, f"{change}: the next request kept the old entries"
         if change == "rewritten in place":
-            assert after[0] == before[0] and changed["sub/c.txt"][1] == b"CHARLIE"
+            assert changed["sub/c.txt"][1] == b"CHARLIE"
         if change == "symlink swapped":
             assert "current/two.txt" in changed and "current/one.txt" not in changed
         if change == "added":

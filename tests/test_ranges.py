@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -17,9 +18,9 @@ from hypothesis import strategies as st
 from werkzeug.http import http_date
 from werkzeug.test import Client, EnvironBuilder, TestResponse
 
-from zipmiddleware import ConfigError, ZipEntry, ZipMiddleware, ZipTarget
+from zipmiddleware import ConfigError, FileTarget, ZipEntry, ZipMiddleware, ZipTarget
 from zipmiddleware.config import Settings
-from zipmiddleware.crccache import SQLiteCrcCache
+from zipmiddleware.crccache import Key, SQLiteCrcCache
 from zipmiddleware.errors import StreamError
 from zipmiddleware.planning import PlannedEntry, Planner, zip_second
 from zipmiddleware.zipengine import Layout, ZipRange, ZipStream, crc32_combine, merged
@@ -196,8 +197,6 @@ def resource(request: pytest.FixtureRequest, folder: Path) -> tuple[Client, byte
     if request.param == "zip":
         client = client_for(folder)
     else:
-        from zipmiddleware import FileTarget
-
         client = client_for(folder, lambda: FileTarget(folder / "game.exe"))
     return client, get(client).data, folder / "game.exe"
 
@@ -333,8 +332,13 @@ def test_full_download_and_ranges_fill_the_cache(forty: Path, tmp_path: Path) ->
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT count(*) FROM file_crc").fetchone() == (0,)
     body = get(client).data
-    rows = sqlite3.connect(path).execute("SELECT size, crc FROM file_crc").fetchall()
-    expected = {(p.stat().st_size, zlib.crc32(p.read_bytes())) for p in forty.iterdir()}
+    rows = sqlite3.connect(path).execute("SELECT name, size, version, crc FROM file_crc").fetchall()
+    # Keyed by the path from the root's own name on, the size and the mtime in ns: no device,
+    # inode or ctime, so that every host with a copy of the files knows them by the same keys.
+    expected = {
+        (f"forty/{p.name}", p.stat().st_size, str(p.stat().st_mtime_ns), zlib.crc32(p.read_bytes()))
+        for p in forty.iterdir()
+    }
     assert set(rows) == expected and len(rows) == 40
     # Another middleware (another worker) on the same file starts warm.
     other = client_for(forty, crc_cache=str(path))
@@ -343,14 +347,134 @@ def test_full_download_and_ranges_fill_the_cache(forty: Path, tmp_path: Path) ->
     assert rchar() - before < 64 * 1024
 
 
+# -- copies of the same files at other places (other hosts) --------------------------------------------
+
+
+COPIED = {
+    "doom/doom.wad": os.urandom(1_500_000),
+    "doom/maps/e1m1.lmp": os.urandom(700_000),
+    "doom/Liesmich-Grüße.txt": "Grüße\n".encode() * 500,
+    "doom/empty.cfg": b"",
+    "doom/run.sh": b"#!/bin/sh\nexec doom\n",
+}
+
+
+@pytest.fixture
+def copies(tmp_path: Path) -> tuple[Path, Path]:
+    """One folder at two places, as on two hosts: the roots .../a/games and .../mirror/b/games
+    (the same folder name at other absolute paths), the second copied with shutil.copy2: the
+    same bytes, modes and mtimes (to the ns), other inodes (and ctimes)."""
+    first = write_tree(tmp_path / "a" / "games", COPIED)
+    (first / "doom" / "run.sh").chmod(0o755)
+    for index, rel in enumerate(sorted(COPIED)):
+        os.utime(first / rel, ns=(1_700_000_000_123_456_789, 1_690_000_000_000_000_001 + index * 999_999_937))
+    second = tmp_path / "mirror" / "b" / "games"
+    shutil.copytree(first, second, copy_function=shutil.copy2)
+    for rel in COPIED:
+        one, other = (first / rel).stat(), (second / rel).stat()
+        assert (one.st_mtime_ns, one.st_mode) == (other.st_mtime_ns, other.st_mode), rel
+        assert one.st_ino != other.st_ino, rel
+    return first, second
+
+
+def zip_of(root: Path, **options: Any) -> Client:
+    """A client whose ``/d`` route zips ``root``/doom, with ``root`` as the only root."""
+    return client_for(root, lambda: ZipTarget.from_directory(root / "doom"), **options)
+
+
+def test_copies_at_other_places_give_the_same_bytes_and_validators(
+    copies: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Two servers (each with its own CRC-32 store) over copies of one folder give the same
+    archive, ETag and Last-Modified, and the same ETag for a single file: a client may resume
+    (If-Range) or revalidate (If-None-Match) on either, as with nginx's or Apache's mtime-size
+    ETags behind a load balancer."""
+    first, second = copies
+    a = zip_of(first, crc_cache=str(tmp_path / "a.sqlite"))
+    b = zip_of(second, crc_cache=str(tmp_path / "b.sqlite"))
+    one, other = get(a), get(b)
+    assert (one.status_code, other.status_code) == (200, 200)
+    assert one.data == other.data
+    assert read_zip(one.data)["Liesmich-Grüße.txt"] == COPIED["doom/Liesmich-Grüße.txt"]
+    for name in ("ETag", "Last-Modified", "Content-Length"):
+        assert one.headers[name] == other.headers[name], name
+    etag = one.headers["ETag"]
+    assert get(b, If_None_Match=etag).status_code == 304
+    resumed = get(b, Range="bytes=1000000-", If_Range=etag)  # a download begun on A, resumed on B
+    assert (resumed.status_code, resumed.data) == (206, one.data[1_000_000:])
+    # Both stores learnt the very same rows: the keys hold nothing of the host.
+    rows = []
+    for store in ("a.sqlite", "b.sqlite"):
+        with sqlite3.connect(tmp_path / store) as db:
+            rows.append(sorted(db.execute("SELECT name, size, version, crc FROM file_crc")))
+    assert rows[0] == rows[1] and len(rows[0]) == 4
+    assert ("games/doom/maps/e1m1.lmp", 700_000) in [row[:2] for row in rows[0]]
+
+    files = [client_for(root, lambda root=root: FileTarget(root / "doom" / "doom.wad")) for root in copies]
+    one, other = get(files[0]), get(files[1])
+    assert one.data == other.data == COPIED["doom/doom.wad"]
+    st = (first / "doom" / "doom.wad").stat()
+    assert one.headers["ETag"] == other.headers["ETag"] == f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+    assert one.headers["Last-Modified"] == other.headers["Last-Modified"]
+    resumed = get(files[1], Range="bytes=1000-", If_Range=one.headers["ETag"])
+    assert (resumed.status_code, resumed.data) == (206, COPIED["doom/doom.wad"][1000:])
+
+
+def test_a_shared_store_serves_what_one_host_learnt_to_another(
+    copies: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """One SQLite store for two servers over copies of a folder: after a full download through
+    A, ranges of B's archive that need every CRC-32 (its end) or a big file's (a resume in its
+    middle) read no file data on B. With cold_range_limit 0, a range that would read any data it
+    does not send gets the whole archive (200) instead: a 206 proves B's cold work was none, and
+    the same ranges from B's copy with a store of its own show that they would need some."""
+    first, second = copies
+    store = tmp_path / "shared.sqlite"
+    a = zip_of(first, crc_cache=str(store))
+    b = zip_of(second, crc_cache=str(store), cold_range_limit=0)
+    body = get(a).data
+    with sqlite3.connect(store) as db:
+        learnt = sorted(db.execute("SELECT name, size, version, crc FROM file_crc"))
+    expected = sorted(
+        (f"games/{rel}", len(data), str((first / rel).stat().st_mtime_ns), zlib.crc32(data))
+        for rel, data in COPIED.items()
+        if data
+    )
+    assert learnt == expected
+    wad = read_zip(body)  # where doom.wad's data lies: its name is followed by its data
+    assert wad["doom.wad"] == COPIED["doom/doom.wad"]
+    middle = body.index(b"doom.wad") + len("doom.wad") + 750_000
+    for index, header in enumerate(("bytes=-100", f"bytes={middle}-")):
+        alone = zip_of(second, crc_cache=str(tmp_path / f"alone-{index}.sqlite"), cold_range_limit=0)
+        assert get(alone, Range=header).status_code == 200, header  # cold work needed: whole archive
+        before = rchar()
+        tail = get(b, Range=header)
+        read = rchar() - before
+        start = len(body) - 100 if header == "bytes=-100" else middle
+        assert (tail.status_code, tail.data == body[start:]) == (206, True), header
+        assert read < len(body) - start + 64 * 1024, (header, read)  # what it sends, no more
+    with sqlite3.connect(store) as db:
+        assert sorted(db.execute("SELECT name, size, version, crc FROM file_crc")) == learnt
+
+
 # -- the cache itself ---------------------------------------------------------------------------
 
 
-def test_cache_round_trip_and_64_bit_keys(tmp_path: Path) -> None:
+def test_cache_round_trip_and_big_keys(tmp_path: Path) -> None:
+    """Keys at the edges of what the store keeps: the largest size SQLite holds, a long name with
+    characters outside ASCII (and outside the BMP), a long version; keys that differ in one part
+    only are different keys."""
+    small = Key("games/doom/x.wad", 3, "4")
+    big = Key("spiele/" + "Übersetzung-日本語-🎮/" * 200 + "ß.bin", 2**63 - 1, str(2**64 + 12345))
+    near = [small._replace(name="games/doom/X.wad"), small._replace(size=4), small._replace(version="40")]
     for cache in (SQLiteCrcCache(), SQLiteCrcCache(tmp_path / "c.sqlite")):
-        big = (2**64 - 1, 2**63, 5, 2**62)
-        cache.put_many({(1, 2, 3, 4): 0xDEADBEEF, big: 7})
-        assert cache.get_many([(1, 2, 3, 4), big, (9, 9, 9, 9)]) == {(1, 2, 3, 4): 0xDEADBEEF, big: 7}
+        cache.put_many({small: 0xDEADBEEF, big: 7})
+        assert cache.get_many([small, big, Key("other", 9, "9"), *near]) == {small: 0xDEADBEEF, big: 7}
+    reopened = SQLiteCrcCache(tmp_path / "c.sqlite")  # the file keeps them, names and all
+    assert reopened.get_many([small, big]) == {small: 0xDEADBEEF, big: 7}
+    with sqlite3.connect(tmp_path / "c.sqlite") as db:
+        rows = db.execute("SELECT name, size, version, crc FROM file_crc ORDER BY size").fetchall()
+    assert rows == [(*small, 0xDEADBEEF), (*big, 7)]
 
 
 def test_bad_cache_settings_name_the_key(tmp_path: Path) -> None:
@@ -364,12 +488,13 @@ def test_bad_cache_settings_name_the_key(tmp_path: Path) -> None:
 
 WRITER = """
 import sys
-from zipmiddleware.crccache import SQLiteCrcCache
+from zipmiddleware.crccache import Key, SQLiteCrcCache
 cache = SQLiteCrcCache(sys.argv[1])
 worker = int(sys.argv[2])
 for batch in range(50):
-    cache.put_many({(worker, batch, n, 0): worker * 1000 + n for n in range(20)})
-    assert cache.get_many([(worker, batch, 0, 0)]) == {(worker, batch, 0, 0): worker * 1000}
+    cache.put_many({Key(f"w{worker}/b{batch}", n, "0"): worker * 1000 + n for n in range(20)})
+    first = Key(f"w{worker}/b{batch}", 0, "0")
+    assert cache.get_many([first]) == {first: worker * 1000}
 """
 
 
@@ -387,7 +512,7 @@ def test_cache_is_safe_with_several_processes_and_threads(tmp_path: Path) -> Non
     def write(worker: int) -> None:
         try:
             for batch in range(50):
-                cache.put_many({(worker, batch, n, 0): worker * 1000 + n for n in range(20)})
+                cache.put_many({Key(f"w{worker}/b{batch}", n, "0"): worker * 1000 + n for n in range(20)})
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -404,14 +529,15 @@ def test_cache_is_safe_with_several_processes_and_threads(tmp_path: Path) -> Non
 
 def test_cache_reconnects_after_fork(tmp_path: Path) -> None:
     cache = SQLiteCrcCache(tmp_path / "c.sqlite")
-    cache.put_many({(1, 1, 1, 1): 11})
+    one, two = Key("g/one", 1, "1"), Key("g/two", 2, "2")
+    cache.put_many({one: 11})
     pid = os.fork()
     if pid == 0:  # the child must not reuse the parent's connection
-        code = 0 if cache.get_many([(1, 1, 1, 1)]) == {(1, 1, 1, 1): 11} else 1
-        cache.put_many({(2, 2, 2, 2): 22})
+        code = 0 if cache.get_many([one]) == {one: 11} else 1
+        cache.put_many({two: 22})
         os._exit(code)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-    assert cache.get_many([(2, 2, 2, 2)]) == {(2, 2, 2, 2): 22}
+    assert cache.get_many([two]) == {two: 22}
 
 
 # -- the range body on its own ----------------------------------------------------------------------

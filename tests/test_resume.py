@@ -29,6 +29,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from zipmiddleware.crccache import Key
+from zipmiddleware.planning import FileSnapshot, key_base
+
 from .clients import (
     Download,
     assert_good_zip,
@@ -481,28 +484,30 @@ def test_curl_resumes_a_killed_file_download(server: GunicornServer, tmp_path: P
 # -- 6. the CRC-32 cache is filled by a full download -----------------------------------------
 
 
-def cached_crcs(cache: Path) -> dict[tuple[int, int, int, int], int]:
+def cached_crcs(cache: Path) -> dict[Key, int]:
     """Every row of the cache's ``file_crc`` table, keyed as the package keys it."""
     connection = sqlite3.connect(f"file:{cache}?mode=ro", uri=True, timeout=10)
     try:
-        rows = connection.execute("SELECT device, inode, size, ctime_ns, crc FROM file_crc").fetchall()
+        rows = connection.execute("SELECT name, size, version, crc FROM file_crc").fetchall()
     finally:
         connection.close()
-    found = {}
-    for device, inode, size, ctime_ns, crc in rows:
-        unsigned = [v + (1 << 64) if v < 0 else v for v in (device, inode, size, ctime_ns)]  # stored signed
-        found[(unsigned[0], unsigned[1], unsigned[2], unsigned[3])] = crc
-    return found
+    return {Key(name, size, version): crc for name, size, version, crc in rows}
 
 
 def test_crc_cache_is_filled_by_a_full_download(server: GunicornServer, data: Path, caches: Path) -> None:
     folder = f"crc-{uuid.uuid4().hex[:8]}"
     write_files(data / folder, SMALL_FILES)
-    keys: dict[str, tuple[int, int, int, int]] = {}
+    # The server's root is ``data``: a file's key is its path from the root's own name on, its
+    # size and its mtime in ns (no device, inode or ctime: the same on every host with a copy).
+    top = Path(os.path.realpath(data))
+    keys: dict[str, Key] = {}
     for rel, content in SMALL_FILES.items():
-        st = os.stat(data / folder / rel)
+        real = os.path.realpath(top / folder / rel)
+        st = os.stat(real)
         if content:  # an empty file's CRC-32 is 0: nothing to keep
-            keys[rel] = (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
+            keys[rel] = Key(f"{top.name}/{folder}/{rel}", st.st_size, str(st.st_mtime_ns))
+            # The package's own key for the file, as its planner makes it, is that very one.
+            assert FileSnapshot.of(real, st, key_base(real, [str(top)])).key == keys[rel]
     cache = caches / "utc.sqlite"
     assert cache.exists()  # created when the server started
     assert not set(keys.values()) & set(cached_crcs(cache))

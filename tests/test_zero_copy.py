@@ -312,7 +312,8 @@ def grow(path: Path) -> None:
 
 
 def rewrite_in_place(path: Path) -> None:
-    """The same size, mtime set back: only the ctime tells."""
+    """The same size, mtime set back: only the ctime tells. (The ETag stays the same, by design:
+    it covers the mtime and size only; the check while sending still looks at the ctime.)"""
     before = path.stat()
     with open(path, "r+b") as file:
         file.seek(before.st_size - MIB)

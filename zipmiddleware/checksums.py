@@ -27,7 +27,7 @@ import logging
 import select
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 from .compression import crc32
@@ -192,13 +192,13 @@ class ColdCrcWork:
         # a cached value that agrees may be sent without reading the file (the zero-copy path).
         self._confirmed: dict[int, int] = {}
 
-    def confirm(self, key: Key, crc: int) -> None:
+    def confirm(self, key: Hashable, crc: int) -> None:
         """The data of file ``key`` gave ``crc``. Bounded: forgotten all at once when full."""
         if len(self._confirmed) >= MAX_CONFIRMED:
             self._confirmed.clear()  # each is then confirmed again, by one more read
         self._confirmed[hash(key)] = crc
 
-    def confirmed(self, key: Key, crc: int) -> bool:
+    def confirmed(self, key: Hashable, crc: int) -> bool:
         """Whether this process has seen the data of file ``key`` give ``crc``."""
         return self._confirmed.get(hash(key)) == crc
 

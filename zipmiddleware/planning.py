@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 from .closing import close_all
 from .config import Settings
 from .confinement import Opened, OutsideRootsError, WrongKindError, is_inside, open_inside
-from .crccache import Key
+from .crccache import Key, storable_name
 from .errors import RefusedError
 from .names import NameTable, display_name, plain_names, safe_arcname
 from .sources import RestartableSource, VersionedSource, is_restartable, is_versioned
@@ -111,10 +111,7 @@ class FileSnapshot:
         store, and for the validators): its path from its root's name on ("games/doom/x.wad"
         for /srv/games/doom/x.wad under the root /srv/games), its size and mtime in ns. Never
         the device, inode or ctime, which differ between copies."""
-        name = self.path[self.base :]
-        if not name.isascii():  # a name that is no UTF-8 (surrogate escapes) must still be text
-            name = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        return Key(name, self.identity[2], str(self.mtime_ns))
+        return Key(storable_name(self.path[self.base :]), self.identity[2], str(self.mtime_ns))
 
     @property
     def size(self) -> int:

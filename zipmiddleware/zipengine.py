@@ -32,12 +32,12 @@ import hashlib
 import itertools
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 
 from . import compression
 from .checksums import ClientGoneError, ColdCrcWork, Present, RunningCrc, always_present, crc32_combine
 from .closing import close_all
-from .crccache import CHECKPOINT_EVERY, Checkpoint, CrcCache, Key
+from .crccache import CHECKPOINT_EVERY, Checkpoint, CrcCache, Key, storable_name
 from .errors import StreamError, UpstreamError
 from .events import DONE, FAILED, SKIPPED, Report
 from .fetching import EntryFailed, Fetcher, Policy, failure_reason
@@ -761,7 +761,7 @@ class ZipRange(Body):
                 # A file read whole checks its cached CRC-32 on the way. The zero-copy path, whose
                 # point is not to read what it sends, does so only until this process has seen
                 # the data give that value (so a forged row is still corrected once per process).
-                trusted = index in crcs and self.cold_work.confirmed(self._key(index), crcs[index])
+                trusted = index in crcs and self.cold_work.confirmed(self._seen(index), crcs[index])
                 check = low == 0 and (self.zero_copy is None or entry.file is None or not trusted)
                 if high == entry.size and (check or cold):
                     yield from self._read_learning(index, low)
@@ -820,7 +820,14 @@ class ZipRange(Body):
             return entry.file.key
         source = entry.source
         assert is_versioned(source)
-        return Key(source.name, source.size, source.version)
+        return Key(storable_name(source.name), source.size, storable_name(source.version))
+
+    def _seen(self, index: int) -> Hashable:
+        """What this process confirms a CRC-32 for (see ColdCrcWork.confirm): a file's very
+        inode and ctime, which a rewrite that keeps its size and mtime (and so its key) still
+        moves; a versioned source's key."""
+        file = self.layout.entries[index].file
+        return self._key(index) if file is None else file.identity
 
     def _reader(self, index: int) -> Callable[[int, int], Iterator[bytes]]:
         entry = self.layout.entries[index]
@@ -838,7 +845,8 @@ class ZipRange(Body):
             start = self._best_checkpoint(index, entry.size)
             key = self._key(index)
             crcs[index] = self.cold_work.prefix(key, entry.size, self._reader(index), start, self.present)
-            self.cold_work.confirm(key, crcs[index])
+            # Read from this very file (the store lacked it when this body looked it up).
+            self.cold_work.confirm(self._seen(index), crcs[index])
             self._cold_done(index)
         self._sent.setdefault(index, crcs[index])
         return crcs[index]
@@ -931,7 +939,7 @@ class ZipRange(Body):
         key = self._key(index)
         cached = self._cached.pop(index, None)
         self._look_up()[index] = crc
-        self.cold_work.confirm(key, crc)
+        self.cold_work.confirm(self._seen(index), crc)
         sent = self._sent.get(index, crc)
         if cached != crc:
             self._learnt[key] = crc
