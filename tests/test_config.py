@@ -175,7 +175,7 @@ def summary(settings: Settings) -> dict[str, object]:
     def describe(resolver: object) -> object:
         if hasattr(resolver, "greeting"):
             return resolver.greeting
-        return repr(resolver) if hasattr(resolver, "roots") else resolver
+        return repr(resolver) if hasattr(resolver, "roots") or hasattr(resolver, "bucket") else resolver
 
     fields = {name: getattr(settings, name) for name in Settings.__dataclass_fields__}
     fields["routes"] = tuple((rule, describe(resolver)) for rule, resolver in settings.routes)
@@ -197,6 +197,7 @@ def settings_by_door(door: str, tree: Path) -> Settings:
         "/download/<int:game_id>": "tests.test_config:resolve",
         "/files/<path:subpath>": {"resolver": "directory", "root": str(shared)},
         "/hello/<name>": {"resolver": "tests.test_config:factory", "greeting": "hi", "times": 2},
+        "/objects/<path:key>": {"resolver": "s3", "bucket": "my-games", "prefix": "games/"},
     }
     if door == "keywords":
         return ZipMiddleware(
@@ -253,6 +254,11 @@ on_download = "tests.test_config:download_hook"
 resolver = "tests.test_config:factory"
 greeting = "hi"
 times = 2
+
+[zipmiddleware.routes."/objects/<path:key>"]
+resolver = "s3"
+bucket = "my-games"
+prefix = "games/"
 """,
             encoding="utf-8",
         )
@@ -299,6 +305,8 @@ routes =
     /files/<path:subpath> = {{ resolver = "directory",
                                root = "%(shared)s" }}
     /hello/<name> = {{ resolver = "tests.test_config:factory", greeting = "hi", times = 2 }}
+    /objects/<path:key> = {{ resolver = "s3", bucket = "my-games",
+                            prefix = "games/" }}
 """,
             encoding="utf-8",
         )
@@ -345,12 +353,19 @@ DOORS = ["keywords", "toml", "ini", "flask"]
 
 @pytest.mark.parametrize("door", DOORS)
 def test_every_door_gives_the_same_settings(door: str, door_tree: Path) -> None:
-    settings = summary(settings_by_door(door, door_tree))
+    built = settings_by_door(door, door_tree)
+    # The s3 resolver lists folders itself: it was handed the same exclude and ignore rules.
+    s3_resolver = dict(built.routes)["/objects/<path:key>"]
+    assert s3_resolver.argument is None and s3_resolver.subpath({"key": "a/b"}) == "a/b"
+    assert s3_resolver.rules.excluded("UPDATES") and s3_resolver.rules.ignored("readme.NFO")
+    assert not s3_resolver.rules.ignored("readme.txt")
+    settings = summary(built)
     assert settings == {
         "routes": (
             ("/download/<int:game_id>", resolve),
             ("/files/<path:subpath>", f"directory(root={str(door_tree / 'shared')!r})"),
             ("/hello/<name>", "hihi"),
+            ("/objects/<path:key>", "s3(bucket='my-games', prefix='games/')"),
         ),
         # the directory resolver's root is a root too
         "roots": (str(door_tree / "games"), str(door_tree / "more games"), str(door_tree / "shared")),
