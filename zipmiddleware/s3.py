@@ -59,7 +59,15 @@ from .errors import ConfigError
 from .perprocess import PerProcess
 from .planning import Rules
 from .resolvers import PathResolver
-from .sources import READ_SIZE, TRANSIENT_STATUSES, SourceError, Tracked, connection_failure, requesting
+from .sources import (
+    READ_SIZE,
+    TRANSIENT_STATUSES,
+    Interruptible,
+    SourceError,
+    Tracked,
+    connection_failure,
+    requesting,
+)
 from .targets import Failed, SourceTarget, ZipEntry, ZipTarget
 
 logger = logging.getLogger("zipmiddleware")
@@ -161,7 +169,7 @@ def s3_client(endpoint_url: str | None = None, region_name: str | None = None) -
 # -- errors -------------------------------------------------------------------------------------
 
 
-def _answer(exc: BaseException) -> tuple[int | None, str]:
+def _status_and_code(exc: BaseException) -> tuple[int | None, str]:
     """The HTTP status and S3 error code of a refusal (None and "" for anything else)."""
     if not isinstance(exc, ClientError):
         return None, ""
@@ -185,7 +193,7 @@ def _source_error(exc: BaseException, detail: str) -> SourceError:
     """``exc`` of a request for an object's bytes, as a :class:`SourceError` whose reason names
     no bucket, key or endpoint (``detail`` does, for the log)."""
     detail = f"{detail}: {type(exc).__name__}: {exc}"
-    status, code = _answer(exc)
+    status, code = _status_and_code(exc)
     if isinstance(exc, ClientError):
         if status == 412 or code == "PreconditionFailed":
             return SourceError("it changed at its origin", transient=False, detail=detail)
@@ -316,19 +324,14 @@ def _timestamp(value: object) -> float:
     return 0.0
 
 
-class S3Stream:
+class S3Stream(Interruptible):
     """One GetObject of an :class:`S3Object`: iterate for its bytes; ``close()`` from any thread
     shuts its connection down at once, also while the request still waits for its answer."""
 
     def __init__(self, source: S3Object, offset: int, stop: int) -> None:
-        self.source = source
+        super().__init__(source)
         self.offset = offset
         self.stop = stop
-        self._lock = threading.Lock()
-        self._connection: Any = None  # the connection while this stream uses it
-        self._socket: socket.socket | None = None  # its socket, as it was when it was learnt
-        self._body: Any = None
-        self._closed = False
         self._nothing = False  # nothing to read: no request was made
 
     @property
@@ -337,16 +340,6 @@ class S3Stream:
 
     def empty(self) -> None:
         self._nothing = True
-
-    def attach(self, connection: Any) -> None:
-        sock = getattr(connection, "sock", None)
-        with self._lock:
-            self._connection = connection
-            if sock is not None:
-                self._socket = sock
-            closed = self._closed
-        if closed:
-            self._shut_down()
 
     def start(self) -> None:
         source = self.source
@@ -368,10 +361,11 @@ class S3Stream:
             requesting.stream = None
         body = answer.get("Body")
         with self._lock:
-            self._body = body
+            self._answer = body
             closed = self._closed
         if closed:  # closed while the answer was awaited, before close() could see the body
-            self._drop(body)
+            with contextlib.suppress(Exception):
+                self._drop(body)
             raise SourceError("the download ended", transient=False)
         try:
             self._check(answer, ranged)
@@ -405,7 +399,7 @@ class S3Stream:
     def __iter__(self) -> Iterator[bytes]:
         if self._nothing:
             return
-        body = self._body
+        body = self._answer
         assert body is not None
         wanted = self.stop - self.offset
         got = 0
@@ -436,48 +430,21 @@ class S3Stream:
         finally:
             self._finish(complete)
 
-    def _finish(self, complete: bool) -> None:
-        """Read to its end: the connection stays in the pool; else it is dropped."""
-        body = self._body
-        with self._lock:
-            self._connection = self._socket = None  # no longer this stream's to shut down
-            closed = self._closed
-            self._closed = True
-        self.source._done(self)
-        if body is not None and not (complete and not closed):
-            self._drop(body)
+    def _release(self, answer: Any) -> None:
+        """Read to its end, its connection is back in the pool already (urllib3 does that)."""
 
-    @staticmethod
-    def _drop(body: Any) -> None:
+    def _drop(self, answer: Any) -> None:
         """Close an answer and its connection; the pool gets the (closed) connection back, so
         that its slot is not lost, and makes a new one when it next needs it."""
-        raw = getattr(body, "_raw_stream", None)
-        with contextlib.suppress(Exception):
-            if raw is None:
-                body.close()
-                return
-            raw.close()
-            raw.release_conn()
+        raw = getattr(answer, "_raw_stream", None)
+        if raw is None:
+            answer.close()
+            return
+        raw.close()
+        raw.release_conn()
 
-    def _shut_down(self) -> None:
-        with self._lock:
-            sock = self._socket or getattr(self._connection, "sock", None) or _socket_of(self._body)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        """Stop now: a blocked read, or a wait for the answer, fails at once; the connection is
-        dropped (the store sees it closed), never put back in the pool half-read."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            body = self._body
-        self.source._done(self)
-        self._shut_down()
-        if body is not None:
-            self._drop(body)
+    def _socket_of(self, answer: Any) -> socket.socket | None:
+        return _socket_of(answer)
 
 
 def _socket_of(body: Any) -> socket.socket | None:
@@ -607,7 +574,7 @@ class S3Resolver(PathResolver):
                 try:
                     answer = self._call(client.head_object, Bucket=self.bucket, Key=key)
                 except ClientError as exc:
-                    if _answer(exc)[0] != 404:  # a bucket that is not there is found out by listing
+                    if _status_and_code(exc)[0] != 404:  # a bucket that is not there is found out by listing
                         raise
                 else:
                     found = S3Object.from_head(client, self.bucket, key, answer)
@@ -678,7 +645,7 @@ class S3Resolver(PathResolver):
             try:
                 return operation(**params)
             except ClientError as exc:
-                status, code = _answer(exc)
+                status, code = _status_and_code(exc)
                 if attempt == RESOLVE_ATTEMPTS or not (
                     status in TRANSIENT_STATUSES or code in TRANSIENT_CODES
                 ):
@@ -688,7 +655,7 @@ class S3Resolver(PathResolver):
 
     def _failed(self, exc: Exception, what: str) -> Failed | None:
         """The answer to a failed HeadObject or ListObjectsV2; the log says what happened."""
-        status, code = _answer(exc)
+        status, code = _status_and_code(exc)
         described = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, ClientError):
             if status == 404 or code in NOT_FOUND_CODES:

@@ -379,21 +379,22 @@ def _total_size(headers: Any, offset: int, size: int | None) -> int | None:
     return int(total) if total.isdigit() else None
 
 
-class UrlStream:
-    """One response of a :class:`UrlSource`: iterate for its bytes; ``close()`` from any thread
-    shuts its connection down at once, also while the request is still waiting for an answer."""
+class Interruptible:
+    """One request of a source, whose socket ``close()`` shuts down from any thread: a read
+    blocked on it, or a wait for the answer, ends at once, and the connection is dropped (the
+    origin sees it closed), never put back in the pool half-read. What :class:`UrlStream` and
+    ``s3.S3Stream`` share; they learn their connection through :class:`Tracked`, set
+    ``_answer`` once it came, and call :meth:`_finish` when they are done reading."""
 
-    def __init__(self, source: UrlSource, offset: int) -> None:
-        self.source = source
-        self.offset = offset
+    def __init__(self, source: Any) -> None:
+        self.source = source  # told with source._done(stream) once this stream is over
         self._lock = threading.Lock()
         self._connection: Any = None  # the socket's owner while this stream uses it
         # Its socket, as it was when the request went out: an answer with "Connection: close"
         # takes the socket from the connection (http.client), which then has none to shut down.
         self._socket: socket.socket | None = None
-        self._response: urllib3.BaseHTTPResponse | None = None
+        self._answer: Any = None
         self._closed = False
-        self._empty = False  # the answer says nothing is left from offset
 
     def attach(self, connection: Any) -> None:
         with self._lock:
@@ -402,6 +403,64 @@ class UrlStream:
             closed = self._closed
         if closed:
             self._shut_down()
+
+    def _finish(self, complete: bool) -> None:
+        """Read to its end: the connection goes back to the pool; else it is dropped."""
+        answer = self._answer
+        with self._lock:
+            self._connection = self._socket = None  # no longer this stream's to shut down
+            closed = self._closed
+            self._closed = True
+        self.source._done(self)
+        if answer is not None:
+            with contextlib.suppress(Exception):
+                if complete and not closed:
+                    self._release(answer)
+                else:
+                    self._drop(answer)
+
+    def _shut_down(self) -> None:
+        with self._lock:
+            connection, sock, answer = self._connection, self._socket, self._answer
+        sock = getattr(connection, "sock", None) or sock or self._socket_of(answer)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Stop now (see the class doc)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            answer = self._answer
+        self.source._done(self)
+        self._shut_down()
+        if answer is not None:
+            with contextlib.suppress(Exception):
+                self._drop(answer)
+
+    def _socket_of(self, answer: Any) -> socket.socket | None:
+        """The socket of an answer, where the connection no longer has it."""
+        return None
+
+    def _release(self, answer: Any) -> None:
+        """Give a connection read to its end back to the pool."""
+        answer.release_conn()
+
+    def _drop(self, answer: Any) -> None:
+        """Close an answer and its connection."""
+        answer.close()
+
+
+class UrlStream(Interruptible):
+    """One response of a :class:`UrlSource`: iterate for its bytes; ``close()`` from any thread
+    shuts its connection down at once, also while the request is still waiting for an answer."""
+
+    def __init__(self, source: UrlSource, offset: int) -> None:
+        super().__init__(source)
+        self.offset = offset
+        self._empty = False  # the answer says nothing is left from offset
 
     def start(self, headers: dict[str, str]) -> None:
         source = self.source
@@ -440,7 +499,7 @@ class UrlStream:
         finally:
             requesting.stream = None
         with self._lock:
-            self._response = response
+            self._answer = response
             closed = self._closed
         if closed:  # closed while the answer was awaited, before close() could see the response
             with contextlib.suppress(Exception):
@@ -454,7 +513,7 @@ class UrlStream:
             raise SourceError(exc.reason, transient=exc.transient, detail=where) from None
 
     def __iter__(self) -> Iterator[bytes]:
-        response = self._response
+        response = self._answer
         assert response is not None
         complete = False  # read to its end: its connection may serve another request
         try:
@@ -471,40 +530,3 @@ class UrlStream:
             raise SourceError(connection_failure(exc), detail=detail) from None
         finally:
             self._finish(complete)
-
-    def _finish(self, complete: bool) -> None:
-        """Read to its end: the connection goes back to the pool; else it is dropped."""
-        response = self._response
-        with self._lock:
-            self._connection = self._socket = None  # no longer this stream's to shut down
-            closed = self._closed
-            self._closed = True
-        self.source._done(self)
-        if response is not None:
-            with contextlib.suppress(Exception):
-                if complete and not closed:
-                    response.release_conn()
-                else:
-                    response.close()
-
-    def _shut_down(self) -> None:
-        with self._lock:
-            connection, sock = self._connection, self._socket
-        sock = getattr(connection, "sock", None) or sock
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        """Stop now: a blocked read or wait for the answer fails at once; the connection is
-        dropped (the origin sees it closed), never put back in the pool half-read."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            response = self._response
-        self.source._done(self)
-        self._shut_down()
-        if response is not None:
-            with contextlib.suppress(Exception):
-                response.close()

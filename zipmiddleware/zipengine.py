@@ -775,23 +775,11 @@ class ZipRange(Body):
 
     def _source(self, index: int) -> Iterator[bytes]:
         """A source's data (only ever in the whole archive), its CRC-32 learnt on the way."""
-        entry = self.layout.entries[index]
-        try:
-            pieces = self.fetcher.begin(index)
-        except EntryFailed as exc:  # a sized archive cannot leave an entry out
-            self.report.entry(entry.arcname, FAILED, 0, exc.attempts, exc.reason)
-            raise UpstreamError(str(exc)) from exc
         running = RunningCrc()
-        try:
-            for piece in pieces:
-                running.update(piece)
-                yield piece
-        except StreamError as exc:
-            attempts = self.fetcher.attempts_of(index)
-            self.report.entry(entry.arcname, FAILED, running.offset, attempts, failure_reason(exc))
-            raise
+        yield from self._fetched(index, 0, running)
         self._look_up()[index] = running.crc
-        self.report.entry(entry.arcname, DONE, running.offset, self.fetcher.attempts_of(index))
+        attempts = self.fetcher.attempts_of(index)
+        self.report.entry(self.layout.entries[index].arcname, DONE, running.offset, attempts)
 
     def _directory(self) -> Iterator[bytes]:
         """The central records in the range, then the end records if they are in it."""
@@ -914,7 +902,8 @@ class ZipRange(Body):
             yield piece
 
     def _fetched(self, index: int, low: int, running: RunningCrc | None) -> Iterator[bytes]:
-        """Entry ``index``'s versioned source from ``low`` to where the range stops."""
+        """Entry ``index``'s source from ``low`` (a versioned one's part: to where the range
+        stops), given to ``running`` on the way; a failure is reported and aborts."""
         entry = self.layout.entries[index]
         try:
             pieces = self.fetcher.begin(index)
