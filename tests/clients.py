@@ -274,3 +274,17 @@ def time_request(host: str, port: int, path: str, timeout: float, source: str = 
         return None
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
     return time.monotonic() - began
+
+
+def wsgi_get(app: Any, path: str, method: str = "GET", **headers: str) -> tuple[Any, bytes]:
+    """``app``'s response (werkzeug's test client) and its body, closed: which is when a body
+    gives the cache what it learnt. Header names with "_" for "-" (``If_Range="..."``)."""
+    from werkzeug.test import Client
+
+    response = Client(app).open(
+        path, method=method, headers={k.replace("_", "-"): v for k, v in headers.items()}
+    )
+    try:
+        return response, response.get_data()
+    finally:
+        response.close()

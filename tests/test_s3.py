@@ -53,6 +53,9 @@ from .clients import (
     size_of,
     wait_for,
 )
+from .clients import (
+    wsgi_get as get,
+)
 from .origin import Fault, FaultProxy
 from .s3 import (
     access_denied,
@@ -565,16 +568,6 @@ def middleware(endpoint: str, bucket: str, **settings: Any) -> ZipMiddleware:
     route = {"resolver": "s3", "bucket": bucket, "prefix": "games/", "endpoint_url": endpoint}
     settings.setdefault("crc_cache", ":memory:")
     return ZipMiddleware(plain_app, routes={ROUTE: route}, exclude=EXCLUDE, ignore=IGNORE, **settings)
-
-
-def get(app: ZipMiddleware, path: str, method: str = "GET", **headers: str) -> tuple[Any, bytes]:
-    response = Client(app).open(
-        path, method=method, headers={k.replace("_", "-"): v for k, v in headers.items()}
-    )
-    try:
-        return response, response.get_data()
-    finally:
-        response.close()
 
 
 def entries_of(body: bytes) -> dict[str, bytes]:

@@ -24,6 +24,8 @@ from zipmiddleware import SourceTarget, ZipEntry, ZipMiddleware, ZipTarget
 from zipmiddleware.crccache import Key, SQLiteCrcCache
 from zipmiddleware.sources import SourceError, is_versioned
 
+from .clients import wsgi_get as get
+
 MIB = 1024 * 1024
 
 
@@ -95,17 +97,6 @@ def archive_app(tree: Path, sources: list[Stored], cache: Any = ":memory:", **se
         crc_cache=cache,
         **settings,
     )
-
-
-def get(app: ZipMiddleware, path: str, method: str = "GET", **headers: str) -> tuple[Any, bytes]:
-    """The response and its body, closed (which is when a body gives the cache what it learnt)."""
-    response = Client(app).open(
-        path, method=method, headers={k.replace("_", "-"): v for k, v in headers.items()}
-    )
-    try:
-        return response, response.get_data()
-    finally:
-        response.close()
 
 
 def objects(count: int = 3) -> list[Stored]:
