@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 # The demo's port: `make demo PORT=8080` (or PORT in the environment) when 8000 is taken.
 PORT   ?= 8000
 
-.PHONY: venv demo test lint bench bench-engine bench-deflate bench-plans bench-throughput bench-ranges bench-cold bench-remote clean
+.PHONY: venv demo test lint bench bench-engine bench-deflate bench-plans bench-throughput bench-ranges bench-cold bench-remote bench-scaling clean
 
 venv: $(STAMP)
 
@@ -51,6 +51,11 @@ bench-cold: $(STAMP)
 # Remote entries behind a 50 ms origin (nginx + the tests' proxy), prefetch 0-8 under gunicorn: about 2.5 minutes.
 bench-remote: $(STAMP)
 	$(BIN)/python bench/remote_sources.py
+
+# S3 folders as ZIPs from moto, ranges with a warm and a cold CRC-32 store, SQLite against PostgreSQL
+# as the store, under gunicorn: about 3 minutes.
+bench-scaling: $(STAMP)
+	$(BIN)/python bench/scaling_out.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

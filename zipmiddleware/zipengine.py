@@ -227,6 +227,7 @@ class ZipStream(Body):
         self._readers: list[Iterator[bytes]] = []
         self._output: Iterator[bytes] | None = None
         self._learnt: dict[Key, int] = {}  # CRC-32s of files read whole, not yet given to the cache
+        self._cached: dict[Key, int] | None = None  # what the cache knew, once asked
 
     def _chunks(self) -> Iterator[bytes]:
         return merged(self._archive(), self.chunk_size, self.length)
@@ -344,10 +345,11 @@ class ZipStream(Body):
 
     def _file_crc(self, arcname: str, file: FileSnapshot) -> int:
         """A file's CRC-32 before it is sent: from the cache, else by reading it once."""
-        if self.crc_cache is not None:
-            cached = self.crc_cache.get_many({file.key})
-            if file.key in cached:
-                return cached[file.key]
+        if self._cached is None:  # one lookup for every file of the archive (a store may be remote)
+            keys = {entry.file.key for entry in self.entries if entry.file is not None and entry.size}
+            self._cached = self.crc_cache.get_many(keys) if self.crc_cache is not None else {}
+        if file.key in self._cached:
+            return self._cached[file.key]
         crc = 0
         for piece in read_file(arcname, file, self.chunk_size):
             crc = compression.crc32(piece, crc)
