@@ -19,3 +19,12 @@ keepalive = 5
 
 # Import the app once in the arbiter, so the sample library is generated once, before forking.
 preload_app = True
+
+# What the middleware logs (refused requests, aborted downloads, a CRC-32 store that cannot be
+# used, a missing bucket ...) goes to the "zipmiddleware" logger: into gunicorn's error log, from
+# INFO up. (gunicorn configures only its own loggers.)
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "loggers": {"zipmiddleware": {"level": "INFO", "handlers": ["error_console"], "propagate": False}},
+}

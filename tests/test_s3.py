@@ -413,6 +413,33 @@ def test_a_missing_bucket_is_not_found(moto_endpoint: str) -> None:
     assert resolve(made, "") is None
 
 
+def test_a_missing_bucket_is_logged_as_a_warning(
+    moto_endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every request of the route fails alike: the log says so louder than a missing key."""
+    with caplog.at_level(logging.WARNING, "zipmiddleware"):
+        assert resolve(resolver(moto_endpoint, "zm-no-such-bucket"), "") is None
+    assert any("bucket does not exist" in record.getMessage() for record in caplog.records)
+
+
+def test_no_credentials_is_a_500_with_one_clear_log_line(
+    moto_endpoint: str, games: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    # A region of its own: a client of its own, made now, without credentials.
+    made = S3Resolver(games, "games/", moto_endpoint, "eu-west-3")
+    with caplog.at_level(logging.WARNING, "zipmiddleware"):
+        target = resolve(made, "quake")
+    assert target == Failed("Internal Server Error: this download cannot be served right now.", 500)
+    [record] = [record for record in caplog.records if record.name == "zipmiddleware"]
+    assert "no credentials" in record.getMessage() and games in record.getMessage()
+    assert record.exc_info is None
+
+
 def test_a_refusal_is_a_403_and_its_details_only_logged(
     moto_endpoint: str, games: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -50,6 +50,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
     BotoCoreError,
     ClientError,
     IncompleteReadError,
+    NoCredentialsError,
     ResponseStreamingError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -57,7 +58,7 @@ from werkzeug.wrappers import Request
 
 from .errors import ConfigError
 from .perprocess import PerProcess
-from .planning import Rules
+from .planning import FORBIDDEN, SERVER_ERROR, Rules
 from .resolvers import PathResolver
 from .sources import (
     READ_SIZE,
@@ -85,7 +86,6 @@ MAX_OBJECTS = 100_000
 RESOLVE_ATTEMPTS = 3
 RESOLVE_BACKOFF = 0.2
 
-FORBIDDEN = "Forbidden: this download is not available."
 UNAVAILABLE = "Service Unavailable: the storage holding this download cannot be reached; try again later."
 BAD_GATEWAY = "Bad Gateway: the storage holding this download gave an answer that cannot be used."
 TOO_MANY = "Internal Server Error: this folder holds too many files to be served as one archive."
@@ -658,6 +658,9 @@ class S3Resolver(PathResolver):
         status, code = _status_and_code(exc)
         described = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, ClientError):
+            if code == "NoSuchBucket":  # every request of the route will fail: say so louder
+                logger.warning("s3 %s: the bucket does not exist (%s)", what, described)
+                return None
             if status == 404 or code in NOT_FOUND_CODES:
                 logger.info("s3 %s: not found (%s)", what, described)
                 return None
@@ -672,4 +675,11 @@ class S3Resolver(PathResolver):
         if _is_connection_error(exc):
             logger.warning("s3 %s: the store cannot be reached (%s)", what, described)
             return Failed(UNAVAILABLE, 503)
-        raise exc  # no credentials, a bug: the middleware logs it and answers 500
+        if isinstance(exc, NoCredentialsError):
+            logger.error(
+                "s3 %s: no credentials found (boto3 looks in the environment, ~/.aws, instance and"
+                " task roles)",
+                what,
+            )
+            return Failed(SERVER_ERROR, 500)
+        raise exc  # a bug: the middleware logs it and answers 500
