@@ -53,7 +53,7 @@ bench-remote: $(STAMP)
 	$(BIN)/python bench/remote_sources.py
 
 # S3 folders as ZIPs from moto, ranges with a warm and a cold CRC-32 store, SQLite against PostgreSQL
-# as the store, under gunicorn: about 3 minutes.
+# as the store, under gunicorn: about 2 minutes.
 bench-scaling: $(STAMP)
 	$(BIN)/python bench/scaling_out.py
 
