@@ -284,11 +284,13 @@ def test_a_forked_child_has_its_own_connections(postgresql_url: str, unique: str
 
 class Forwarder:
     """A TCP port that forwards to another once started; before that nothing listens on it.
-    ``silent``: accept and never answer (a database that hangs)."""
+    Without a target: accept and never answer (a database that hangs). ``frozen``: connections
+    stay open, and nothing more goes through them (a server that stopped, a paused machine)."""
 
     def __init__(self, target: tuple[str, int] | None = None) -> None:
         self.port = free_port()
         self.target = target
+        self.frozen = False
         self.server: socket.socket | None = None
         self.sockets: list[socket.socket] = []
 
@@ -312,10 +314,11 @@ class Forwarder:
             for one, other in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(one, other), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                while self.frozen and self.server is not None:
+                    time.sleep(0.05)
                 sink.sendall(data)
         except OSError:
             pass
@@ -381,6 +384,37 @@ def test_a_database_that_is_down_is_memory_until_it_is_back(
     for _ in range(3):
         assert cache.get_many([later]) == {}
     assert len(warnings_of(caplog)) == 2
+
+
+@pytest.mark.server
+def test_a_database_that_stops_answering_mid_connection_costs_a_download_its_deadline(
+    postgresql_url: str,
+    forwarder: Forwarder,
+    unique: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pooled connection whose server stopped answering (its statement_timeout cannot run):
+    the wait is cut client-side, and the next try, once the database answers again, has a new
+    pool."""
+    monkeypatch.setattr(crcdatabase, "DEADLINE_SECONDS", 1.0)
+    monkeypatch.setattr(crcdatabase, "RETRY_SECONDS", 0.5)
+    forwarder.start()
+    cache = DatabaseCrcCache(
+        str(sqlalchemy.make_url(postgresql_url).set(port=forwarder.port).render_as_string(False))
+    )
+    key = Key(unique + "frozen", 1, "1")
+    cache.put_many({key: 7})
+    assert cache.get_many([key]) == {key: 7}  # a connection in the pool, in use
+    forwarder.frozen = True
+    started = time.monotonic()
+    assert cache.get_many([key]) == {}
+    cache.put_many({key: 8})  # memory, at once
+    assert time.monotonic() - started < 2.5
+    assert len(warnings_of(caplog)) == 1 and "did not answer" in warnings_of(caplog)[0]
+    forwarder.frozen = False
+    time.sleep(0.6)
+    assert cache.get_many([key]) == {key: 7}  # the database again, through a new connection
 
 
 def test_a_database_that_never_answers_delays_a_download_a_few_seconds(

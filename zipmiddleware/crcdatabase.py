@@ -51,6 +51,10 @@ PREFIX_TABLE = "zipmiddleware_prefix_crc"
 # How long a connection attempt, a wait for a pooled connection and (where the driver lets us
 # say so) one statement may take: a stuck database delays a download by about this much, once.
 TIMEOUT_SECONDS = 3
+# The longest a download waits for the store, whatever the database does: a server that stopped
+# answering (a paused machine, a failover whose address black-holes) leaves a query waiting for
+# ever, since statement_timeout is the server's own. A connection and a statement, and a second.
+DEADLINE_SECONDS = 2 * TIMEOUT_SECONDS + 1
 # How long a process keeps to memory after the database failed before it tries it again.
 RETRY_SECONDS = 30.0
 # How often a write that lost a race with another host's (a deadlock) is tried again.
@@ -232,15 +236,15 @@ class DatabaseCrcCache:
                     self._fail(process, exc)
                     return None
             engine = process.engine
-        try:
+
+        def transaction() -> T:
             if not process.ready:
                 self._create_tables(engine)
                 process.ready = True
             for attempt in range(RETRIES + 1):
                 try:
                     with engine.begin() as connection:
-                        result = work(connection)
-                    break
+                        return work(connection)
                 except Exception as exc:
                     if attempt == RETRIES or not _transient(exc):
                         raise
@@ -248,8 +252,14 @@ class DatabaseCrcCache:
                     # one has finished), once more.
                     logger.debug("CRC-32 store %s: trying again after %s", self._shown(), self._reason(exc))
                     time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
+            raise AssertionError("unreachable")
+
+        try:
+            result = _in_time(transaction, DEADLINE_SECONDS)
         except Exception as exc:  # the database's problem never becomes the download's
             with process.lock:
+                if isinstance(exc, TimeoutError) and process.engine is engine:
+                    process.engine = None  # its connection is stuck: the next try makes a new pool
                 self._fail(process, exc)
             return None
         if process.failing:
@@ -478,6 +488,30 @@ class DatabaseCrcCache:
         if self.url.password:
             text = text.replace(str(self.url.password), "***")
         return text[:300]
+
+
+def _in_time(work: Callable[[], T], seconds: float) -> T:
+    """``work()`` in a thread of its own, waited for at most ``seconds`` (TimeoutError after,
+    and the thread is left to end whenever its database answers; a daemon, so it never holds
+    the process up at exit). One thread per call: a few per download, and none waits."""
+    outcome: list[tuple[bool, Any]] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome.append((True, work()))
+        except BaseException as exc:
+            outcome.append((False, exc))
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="zipmiddleware-crc-store", daemon=True).start()
+    if not done.wait(seconds):
+        raise TimeoutError(f"the database did not answer within {seconds:g} s")
+    succeeded, value = outcome[0]
+    if succeeded:
+        return value  # type: ignore[no-any-return]
+    raise value
 
 
 def _transient(exc: BaseException) -> bool:
