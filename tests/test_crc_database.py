@@ -26,7 +26,7 @@ from werkzeug.test import Client, TestResponse
 
 from zipmiddleware import ConfigError, ZipMiddleware, ZipTarget, crcdatabase
 from zipmiddleware.config import build_settings, flask_settings
-from zipmiddleware.crccache import Key, SQLiteCrcCache
+from zipmiddleware.crccache import Key, SQLiteCrcCache, storable_name
 from zipmiddleware.crcdatabase import FILE_TABLE, PREFIX_TABLE, DatabaseCrcCache
 
 from .conftest import plain_app, read_zip, write_tree
@@ -535,3 +535,26 @@ def test_a_range_on_another_host_uses_what_the_first_one_learnt(postgresql_url: 
     assert tail.headers["ETag"] == whole.headers["ETag"]
     late = get(client_b, Range=f"bytes={len(whole.data) - 2 * MIB}-")
     assert late.status_code == 206 and late.data == whole.data[-2 * MIB :]
+
+
+def test_every_name_is_stored_as_text_of_its_own() -> None:
+    """Names a store cannot keep as they are (bytes that are no UTF-8, NUL, lone surrogates)
+    are escaped, and their own backslashes doubled: no two names share a key."""
+    names = [
+        os.fsdecode(b"caf\xe9.bin"),  # the bytes of a Latin-1 file name
+        "caf\\xe9.bin",  # a name holding those very characters
+        "x\0y",
+        "x\\x00y",
+        "a\\b",
+        "a\\\\b",
+        "plain.bin",
+        "été.bin",
+        "a\ud800",  # a surrogate no file name has
+        os.fsdecode(b"a\xed\xa0\x80"),
+    ]
+    stored = [storable_name(name) for name in names]
+    assert len(set(stored)) == len(names), stored
+    assert storable_name("plain.bin") == "plain.bin" and storable_name("été.bin") == "été.bin"
+    assert all("\0" not in text for text in stored)
+    for text in stored:
+        text.encode("utf-8")  # any store takes it

@@ -86,15 +86,17 @@ class CrcCache(Protocol):
 
 
 def storable_name(name: str) -> str:
-    """``name`` as text every store can keep: a name from the file system that is no UTF-8 (its
-    bytes escaped as lone surrogates), or holds a NUL, is written with backslash escapes."""
-    if name.isascii() and "\0" not in name:
+    """``name`` as text every store can keep, one text per name: a name from the file system
+    that is no UTF-8 (its bytes escaped as lone surrogates), or holds a NUL, is written with
+    backslash escapes, and its own backslashes doubled (so no two names give the same text)."""
+    if name.isascii() and "\0" not in name and "\\" not in name:
         return name
     try:
         raw = name.encode("utf-8", "surrogateescape")  # os.fsdecode's escapes: the bytes themselves
-    except UnicodeEncodeError:
-        raw = name.encode("utf-8", "surrogatepass")
-    return raw.decode("utf-8", "backslashreplace").replace("\0", "\\x00")
+    except UnicodeEncodeError:  # a surrogate no file name has: Python's own escapes, quoted
+        return ascii(name)
+    text = raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+    return text.replace("\0", "\\x00")
 
 
 def guard(key: Key, offset: int, crc: int) -> int:
