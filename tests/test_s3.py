@@ -53,9 +53,7 @@ from .clients import (
     size_of,
     wait_for,
 )
-from .clients import (
-    wsgi_get as get,
-)
+from .clients import wsgi_get as get
 from .origin import Fault, FaultProxy
 from .s3 import (
     access_denied,
@@ -65,6 +63,7 @@ from .s3 import (
     make_bucket,
     moto_endpoint_fixture,  # noqa: F401  (the fixture "moto_endpoint")
     put_objects,
+    unique_bucket,
 )
 from .servers import PROJECT, GunicornServer
 
@@ -665,6 +664,34 @@ def test_a_single_object_downloads_as_it_is_with_validators_and_ranges(
     text, body = get(app, "/s3/readme.txt")
     assert text.mimetype == "text/plain" and body == GAMES["games/readme.txt"]
     assert get(app, "/s3/heretic")[1] == GAMES["games/heretic/heretic.wad"]
+
+
+def test_an_objects_own_content_type_is_sent_only_when_it_is_a_plain_media_type(moto_endpoint: str) -> None:
+    """Whoever stored an object chose its Content-Type: parameters, odd characters or a very long
+    type are left out (the name decides), and no browser may sniff another type."""
+    bucket = unique_bucket()
+    client(moto_endpoint).create_bucket(Bucket=bucket)
+    stored = {
+        "page.html": "text/html",
+        "notes.txt": 'text/plain; charset="x"; evil=1',
+        "tool.bin": "application/x-" + "a" * 200,
+        "image.png": "image/png",
+    }
+    for name, media_type in stored.items():
+        client(moto_endpoint).put_object(Bucket=bucket, Key=name, Body=b"x" * 10, ContentType=media_type)
+    route = {"resolver": "s3", "bucket": bucket, "endpoint_url": moto_endpoint}
+    app = ZipMiddleware(plain_app, routes={ROUTE: route}, crc_cache=":memory:")
+    types = {}
+    for name in stored:
+        response, _ = get(app, f"/s3/{name}")
+        assert response.status_code == 200 and response.headers["X-Content-Type-Options"] == "nosniff"
+        types[name] = response.headers["Content-Type"]
+    assert types == {
+        "page.html": "text/html; charset=utf-8",
+        "notes.txt": "text/plain; charset=utf-8",  # guessed from the name
+        "tool.bin": "application/octet-stream",
+        "image.png": "image/png",
+    }
 
 
 def test_refusals_reach_the_client_without_details(moto_endpoint: str, games: str) -> None:

@@ -197,7 +197,9 @@ def source_response(plan: SourcePlan, environ: WSGIEnvironment, settings: Settin
     size = source.size
     # The version as the origin gives it may hold anything: the ETag is a digest of it.
     version = hashlib.sha256(repr((source.name, source.version, size)).encode()).hexdigest()[:40]
-    validators = Validators("src-" + version, _http_time(source.mtime), size)
+    # Its date tells versions apart only to the second (S3's LastModified; a multipart upload's
+    # may even be its start): only the ETag decides, as for archives.
+    validators = Validators("src-" + version, _http_time(source.mtime), size, dated=False)
     outcome = evaluate(environ, validators)
     if outcome.status not in (200, 206):
         close_sources(plan)
@@ -208,6 +210,8 @@ def source_response(plan: SourcePlan, environ: WSGIEnvironment, settings: Settin
     mimetype = plan.mimetype or mimetypes.guess_type(plan.download_name)[0] or "application/octet-stream"
     response = Response(body, mimetype=mimetype, direct_passthrough=True)
     response.headers["Content-Disposition"] = content_disposition(plan.download_name)
+    # The type may come from whoever stored the object: a browser must not guess another.
+    response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["X-Accel-Buffering"] = "no"
     response.headers["Accept-Ranges"] = "bytes"
     response.content_length = size

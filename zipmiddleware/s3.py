@@ -97,6 +97,8 @@ TRANSIENT_CODES = frozenset(
     {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "ThrottlingException"}
 )
 # What a store says of an object with no type given when it was stored: better guessed from its name.
+# type/subtype, of RFC 9110's token characters, without parameters.
+MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+")
 GENERIC_TYPES = frozenset({"binary/octet-stream", "application/octet-stream"})
 
 # Bucket names: 3 to 63 lowercase letters, digits, dots and hyphens today; buckets made in
@@ -314,6 +316,15 @@ class S3Object:
         with _live_lock:
             if self._live is not None:
                 self._live.discard(stream)
+
+
+def _media_type(value: str | None) -> str | None:
+    """An object's Content-Type, if it is a plain media type worth sending: whoever uploaded
+    the object chose it, so anything else (parameters, odd characters, a generic type, a very
+    long one) is left out and the type is guessed from the name instead."""
+    if value is None or len(value) > 100 or not MEDIA_TYPE.fullmatch(value):
+        return None
+    return None if value.lower() in GENERIC_TYPES else value
 
 
 def _timestamp(value: object) -> float:
@@ -601,7 +612,7 @@ class S3Resolver(PathResolver):
 
     @staticmethod
     def _single(found: S3Object) -> SourceTarget:
-        mimetype = found.content_type if found.content_type not in GENERIC_TYPES else None
+        mimetype = _media_type(found.content_type)
         return SourceTarget(found, download_name=posixpath.basename(found.key), mimetype=mimetype)
 
     def _list(self, client: Any, folder: str) -> list[tuple[str, S3Object]]:
