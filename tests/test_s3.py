@@ -25,6 +25,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -467,6 +468,31 @@ def test_a_store_that_is_down_or_failing_is_a_503(
     # One 503 (S3's SlowDown) is tried again at once, and answered.
     proxy.default_fault = Fault(fail_first=1, status=503)
     assert isinstance(resolve(resolver(proxy.url, games), "quake"), ZipTarget)
+
+
+def test_a_burst_of_requests_for_a_folder_lists_it_once(
+    proxy: FaultProxy, games: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests at once share one listing, and one is used again for LISTING_SECONDS; every
+    request gets objects of its own (closing one download's must not stop another's reads)."""
+    monkeypatch.setattr(s3module, "LISTING_SECONDS", 0.5)
+    made = resolver(proxy.url, games)
+    proxy.default_fault = Fault(first_byte_delay=0.3)  # so that the requests overlap
+
+    def listings() -> int:
+        return sum("list-type=2" in record.target for record in proxy.requests)
+
+    with ThreadPoolExecutor(6) as pool:
+        targets = list(pool.map(lambda _: resolve(made, "quake"), range(6)))
+    assert listings() == 1
+    assert all(isinstance(target, ZipTarget) for target in targets)
+    sources = [entry.source for target in targets for entry in target.entries]
+    assert len({id(source) for source in sources}) == len(sources)
+    resolve(made, "quake")
+    assert listings() == 1  # within LISTING_SECONDS
+    time.sleep(0.6)
+    resolve(made, "quake")
+    assert listings() == 2
 
 
 def test_listings_of_many_pages_are_read_to_their_end(moto_endpoint: str, proxy: FaultProxy) -> None:

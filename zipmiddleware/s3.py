@@ -58,7 +58,7 @@ from werkzeug.wrappers import Request
 
 from .errors import ConfigError
 from .perprocess import PerProcess
-from .planning import FORBIDDEN, SERVER_ERROR, Rules
+from .planning import FORBIDDEN, SERVER_ERROR, Rules, SharedWork
 from .resolvers import PathResolver
 from .sources import (
     READ_SIZE,
@@ -81,6 +81,10 @@ MAX_POOL_CONNECTIONS = 32
 # its listing alone takes a hundred requests, and its archive would hold more entries than
 # anyone downloads at once.
 MAX_OBJECTS = 100_000
+# How long a folder's listing is used again: a burst of requests (a download manager's several
+# connections, HEAD then GET, a resume) lists it once. An object replaced meanwhile is found out
+# when it is read (If-Match): that download fails, and the next one, a moment later, lists anew.
+LISTING_SECONDS = 2.0
 # Attempts of each metadata call of the resolver (HeadObject, a ListObjectsV2 page) that the
 # store answered with a transient status (503 SlowDown...): a moment later it may not.
 RESOLVE_ATTEMPTS = 3
@@ -471,6 +475,10 @@ def _socket_of(body: Any) -> socket.socket | None:
     return sock if isinstance(sock, socket.socket) else None
 
 
+# An object as listed: (its path below the folder, key, ETag, size, mtime).
+Listed = tuple[str, str, str, int, float]
+
+
 # -- the resolver -------------------------------------------------------------------------------
 
 
@@ -561,6 +569,11 @@ class S3Resolver(PathResolver):
         self.region_name = _check_region(region_name)
         super().__init__(argument)
         self.rules = Rules((), ())
+        # Requests for the same folder at the same moment share one listing, and a listing is
+        # used again for LISTING_SECONDS (a burst of requests, a download and its resumes).
+        self._listings: SharedWork[list[Listed]] = SharedWork()
+        self._recent: dict[str, tuple[float, list[Listed]]] = {}
+        self._recent_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"s3(bucket={self.bucket!r}, prefix={self.prefix!r})"
@@ -591,7 +604,10 @@ class S3Resolver(PathResolver):
                     found = S3Object.from_head(client, self.bucket, key, answer)
                     return self._single(found)
             folder = key + "/" if path else self.prefix
-            objects = self._list(client, folder)
+            objects = [  # every download its own objects (see S3Object)
+                (relative, S3Object(client, self.bucket, key, etag, size, mtime))
+                for relative, key, etag, size, mtime in self._listing(client, folder)
+            ]
         except _TooMany:
             logger.warning("s3 folder %s holds more than %d objects: refused", what, MAX_OBJECTS)
             return Failed(TOO_MANY, 500)
@@ -615,9 +631,23 @@ class S3Resolver(PathResolver):
         mimetype = _media_type(found.content_type)
         return SourceTarget(found, download_name=posixpath.basename(found.key), mimetype=mimetype)
 
-    def _list(self, client: Any, folder: str) -> list[tuple[str, S3Object]]:
-        """Every object below ``folder`` the rules keep, as (arcname, object), by arcname."""
-        found: list[tuple[str, S3Object]] = []
+    def _listing(self, client: Any, folder: str) -> list[Listed]:
+        """:meth:`_list`, shared by concurrent requests and kept for :data:`LISTING_SECONDS`."""
+        now = time.monotonic()
+        with self._recent_lock:
+            for stale in [name for name, (when, _) in self._recent.items() if now - when > LISTING_SECONDS]:
+                del self._recent[stale]
+            recent = self._recent.get(folder)
+        if recent is not None:
+            return recent[1]
+        listing = self._listings.run(folder, lambda: self._list(client, folder))
+        with self._recent_lock:
+            self._recent[folder] = (time.monotonic(), listing)
+        return listing
+
+    def _list(self, client: Any, folder: str) -> list[Listed]:
+        """Every object below ``folder`` the rules keep, by arcname."""
+        found: list[Listed] = []
         listed = 0
         params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": folder}
         while True:
@@ -632,15 +662,16 @@ class S3Resolver(PathResolver):
                 *folders, name = relative.split("/")
                 if any(self.rules.excluded(part) for part in folders) or self.rules.ignored(name):
                     continue
-                entry = S3Object(
-                    client,
-                    self.bucket,
-                    str(item["Key"]),
-                    str(item["ETag"]),
-                    int(item["Size"]),
-                    _timestamp(item.get("LastModified")),
+                key = str(item["Key"])
+                found.append(
+                    (
+                        relative,
+                        key,
+                        str(item["ETag"]),
+                        int(item["Size"]),
+                        _timestamp(item.get("LastModified")),
+                    )
                 )
-                found.append((relative, entry))
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 break
