@@ -89,6 +89,9 @@ if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
 import zipmiddleware  # noqa: E402
+
+# Measured the same way as the remote-sources benchmark.
+from bench.remote_sources import machine_busy, own_cpu, vm_rss, wait_idle  # noqa: E402
 from tests.origin import FaultProxy  # noqa: E402
 from tests.postgres import PostgresServer, find_bindir, free_port  # noqa: E402
 from tests.s3 import client as s3_client  # noqa: E402
@@ -119,25 +122,6 @@ server.stop()
 
 
 # -- measuring ------------------------------------------------------------------------------
-
-
-def vm_rss(pid: int) -> int:
-    """Process ``pid``'s resident set now (VmRSS), in bytes."""
-    with open(f"/proc/{pid}/status") as file:
-        line = next(line for line in file if line.startswith("VmRSS:"))
-    return int(line.split()[1]) * 1024
-
-
-def machine_busy() -> float:
-    """CPU seconds the whole machine has been busy (all cores: /proc/stat less idle and iowait)."""
-    with open("/proc/stat") as file:
-        ticks = [int(value) for value in file.readline().split()[1:]]
-    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def children_cpu() -> float:
@@ -573,13 +557,6 @@ class Ranged:
     gets: int  # GetObject requests the worker made
     get_bytes: int  # body bytes moto sent for them
     others: int  # HeadObject, ListObjectsV2
-
-
-def wait_idle(proxy: FaultProxy, timeout: float = 5.0) -> None:
-    """Until the proxy has counted the end of every request (a moment after the client's last byte)."""
-    deadline = time.monotonic() + timeout
-    while proxy.in_flight and time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 def ranged_request(
