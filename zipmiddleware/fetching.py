@@ -243,7 +243,8 @@ class Fetcher:
             self.attempts[index] = self.attempts.get(index, 0) + 1
             try:
                 # Only a versioned source is ever given an end (see limit_to and read).
-                closer = source.open(low + received) if high is None else source.open(low + received, high)  # type: ignore[call-arg]
+                offset = low + received
+                closer = source.open(offset) if high is None else source.open(offset, high)  # type: ignore[call-arg]
                 self._track(closer)
                 return _Opened(iter(closer), closer, low, high, attempts=failures + 1)
             except Exception as exc:

@@ -218,8 +218,10 @@ Plan = FilePlan | ZipPlan | SourcePlan
 
 
 def close_sources(target: object) -> None:
-    """Close the user iterables of a target that will not be streamed."""
-    close_all((entry.source for entry in getattr(target, "entries", ())), "a source")
+    """Close the sources of a target or plan that will not be streamed (an archive's entries',
+    a SourceTarget's own)."""
+    sources = [entry.source for entry in getattr(target, "entries", ())]
+    close_all([*sources, getattr(target, "source", None)], "a source")
 
 
 T = TypeVar("T")
@@ -601,8 +603,6 @@ class Planner:
     def __init__(self, settings: Settings) -> None:
         self.roots = settings.roots
         self.rules = Rules(settings.exclude, settings.ignore)
-        self.exclude = self.rules.exclude
-        self.ignored = self.rules.ignored
         self.shared: SharedWork[Plan] = SharedWork()
         self.walks = threading.BoundedSemaphore(WALKS_AT_ONCE)
         self.cache = PlanCache(settings.plan_cache_entries)
@@ -875,7 +875,7 @@ class _Walk:
         else:  # fstatat: no symlink is followed, so it lies in the folder, inside a root
             st, real = child.stat(follow_symlinks=False), None
         if stat.S_ISDIR(st.st_mode):
-            if name.casefold() in self.planner.exclude:
+            if self.planner.rules.excluded(name):
                 return
             if (st.st_dev, st.st_ino) in self.seen:
                 logger.warning("skipping folder %r: already walked (symlink loop?)", rel)
@@ -884,7 +884,7 @@ class _Walk:
             self.pending.append((base + name if real is None else real, st, rel + "/"))
         elif not stat.S_ISREG(st.st_mode):
             logger.info("skipping %r: not a regular file or folder", rel)
-        elif not self.planner.ignored(name):
+        elif not self.planner.rules.ignored(name):
             if real is not None:  # through a symlink, opened above: readable
                 file = FileSnapshot.of(real, st, key_base(real, self.roots))
             elif os.access(name, os.R_OK, dir_fd=fd, effective_ids=True, follow_symlinks=False):

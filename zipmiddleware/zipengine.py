@@ -577,6 +577,7 @@ class ZipRange(Body):
         self._cached: dict[int, int] = {}  # what the cache said, until checked against data
         self._sent: dict[int, int] = {}  # CRC-32s that went out before their data was read here
         self._checkpoints: dict[int, list[Checkpoint]] = {}
+        self._keys: dict[int, Key] = {}  # entry index -> its cache key, once made
         self._learnt: dict[Key, int] = {}  # computed here, not yet given to the cache
         self._progress: tuple[Key, RunningCrc] | None = None  # the file being read from its start
         self._pieces: Iterator[bytes | int] | None = None
@@ -804,13 +805,19 @@ class ZipRange(Body):
     # -- CRC-32s -----------------------------------------------------------------------
 
     def _key(self, index: int) -> Key:
-        """What entry ``index``'s content is known by in the cache (a file or versioned source)."""
-        entry = self.layout.entries[index]
-        if entry.file is not None:
-            return entry.file.key
-        source = entry.source
-        assert is_versioned(source)
-        return Key(storable_name(source.name), source.size, storable_name(source.version))
+        """What entry ``index``'s content is known by in the cache (a file or versioned source);
+        made once per entry (a body asks for it as it looks up, learns and confirms)."""
+        key = self._keys.get(index)
+        if key is None:
+            entry = self.layout.entries[index]
+            if entry.file is not None:
+                key = entry.file.key
+            else:
+                source = entry.source
+                assert is_versioned(source)
+                key = Key(storable_name(source.name), source.size, storable_name(source.version))
+            self._keys[index] = key
+        return key
 
     def _seen(self, index: int) -> Hashable:
         """What this process confirms a CRC-32 for (see ColdCrcWork.confirm): a file's very
