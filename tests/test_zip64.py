@@ -126,7 +126,9 @@ class Server:
     """One ZipMiddleware instance serving ``members`` at :data:`URL`.
 
     The same instance answers the full download and then the ranges, so that the
-    ranges find the CRC-32s the full download left in its (in-memory) cache.
+    ranges find the CRC-32s the full download left in its store: an SQLite file of its
+    own, next to the sources, so that what the ranges read (SQLite's pages count in
+    /proc/self/io too) does not depend on what earlier tests left in the per-user store.
     """
 
     middleware: ZipMiddleware
@@ -149,7 +151,11 @@ class Server:
             raise AssertionError("the download route must not reach the wrapped application")
 
         middleware = ZipMiddleware(
-            app, routes={"/zip64/<case>": resolve}, roots=[str(sources)], chunk_size=CHUNK_SIZE
+            app,
+            routes={"/zip64/<case>": resolve},
+            roots=[str(sources)],
+            chunk_size=CHUNK_SIZE,
+            crc_cache=str(sources.parent / "crc32.sqlite"),
         )
         return cls(middleware, target)
 
