@@ -72,7 +72,8 @@ def file_response(
     With ``zero_copy`` (see :mod:`.zerocopy`), a 200 or 206 body sends the file with
     sendfile one block at a time, checking the file after each. Else a full 200 body is
     the server's ``wsgi.file_wrapper`` object, so that a server may use sendfile (checked
-    at the end), and a 206 body seeks to the range and reads only it.
+    at the end), and a 206 body, or any body where the server has no file wrapper, reads
+    the file in chunks, checking it after each.
     """
     checked = plan.file
     fd = plan.opened
@@ -92,7 +93,9 @@ def file_response(
     # From here the file object owns the descriptor, and the body the file object.
     file = CheckedFile(fd, checked, client_socket(environ))
     mimetype = plan.mimetype or mimetypes.guess_type(plan.download_name)[0] or "application/octet-stream"
-    if zero_copy is not None or outcome.status == 206:
+    # A server without a file wrapper of its own (the ASGI door, some WSGI servers) gains
+    # nothing from werkzeug's plain one: the file is read here, and checked after each read.
+    if zero_copy is not None or outcome.status == 206 or "wsgi.file_wrapper" not in environ:
         start, stop = (0, size) if outcome.status == 200 else (outcome.start, outcome.stop)
         body: object = FileRange(file, checked, start, stop, chunk_size, zero_copy)
     else:
