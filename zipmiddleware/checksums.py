@@ -55,6 +55,9 @@ class ClientGoneError(StreamError):
 
 Present = Callable[[], bool]
 
+# Where a door that knows whether its client is still there puts a Present for the request.
+PRESENCE_KEY = "zipmiddleware.present"
+
 
 def always_present() -> bool:
     return True
@@ -67,8 +70,12 @@ def client_presence(environ: WSGIEnvironment) -> Present:
     workers: ``gunicorn.socket``; werkzeug's dev server: ``werkzeug.socket``) let us
     look: a closed connection polls readable and reads as end of file (or fails),
     while a live one has nothing to read or holds a pipelined request. Elsewhere the
-    client is taken as present; the per-request limit still bounds the work.
+    client is taken as present; the per-request limit still bounds the work. A door that
+    learns of a departure its own way (the ASGI one) says so under :data:`PRESENCE_KEY`.
     """
+    told = environ.get(PRESENCE_KEY)
+    if callable(told):
+        return told  # type: ignore[no-any-return]
     sock = client_socket(environ)
     if sock is None:
         return always_present

@@ -1,0 +1,367 @@
+"""ZipMiddleware for ASGI apps (Starlette, FastAPI, Quart, Django's ASGI mode): the same
+settings, resolvers, archives and promises as the WSGI one, served from an event loop.
+
+::
+
+    from zipmiddleware.asgi import ZipMiddleware
+
+    app = ZipMiddleware(app, routes={"/files/<path:subpath>": {"resolver": "directory",
+                                                                "root": "/srv/games"}})
+    # Starlette / FastAPI: app.add_middleware(ZipMiddleware, routes=..., roots=...)
+
+Everything between the request and the bytes is the WSGI door's own code (:mod:`.core`):
+the request is seen as a WSGI environ built from the ASGI scope, so routes, resolvers'
+request objects, planning, layouts, ranges and validators are the same, and so are the
+bytes. What this module adds is how the work meets the event loop:
+
+* A resolver that is a coroutine function is awaited; any other is called in a worker
+  thread, together with the planning, which reads the file system.
+* A download's body is made in a worker thread of its own (file reads, CRC-32s,
+  compression), at most :data:`DOWNLOAD_THREADS` at once per process, and handed to the
+  loop :data:`BUFFERED_CHUNKS` chunks ahead at most: the thread waits while the client
+  is slower, so a download holds a few chunks of memory, never more.
+* The client going away (``http.disconnect``, or a send that fails) stops the body at its
+  next chunk, and the thread closes it, as a WSGI server would; cold CRC-32 work the
+  request waits for stops too. A client that takes no chunk for ``stall_timeout`` seconds
+  is dropped.
+* A body that fails part-way ends the response without completing it: the server closes
+  the connection, and the client sees a failed download, never a short one.
+
+Direct files are sent in chunks from the descriptor the planner checked. The
+``http.response.pathsend`` extension is not used: a server opens its path later, after
+``send`` returns (granian does), so the file it sends could be another one than the one
+checked, a symlink race away from leaving the configured roots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
+from werkzeug.wrappers import Request, Response
+
+from .checksums import PRESENCE_KEY
+from .closing import close_all
+from .core import Downloads, Ready
+from .errors import StreamError
+from .events import Report
+from .routing import Match
+from .types import WSGIEnvironment
+
+__all__ = ["BUFFERED_CHUNKS", "DOWNLOAD_THREADS", "ZipMiddleware", "wsgi_environ"]
+
+logger = logging.getLogger("zipmiddleware")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Download bodies made at once by one process; more wait for a free thread.
+DOWNLOAD_THREADS = 64
+# Chunks a download's thread may make ahead of what the client has taken.
+BUFFERED_CHUNKS = 2
+
+
+class ZipMiddleware(Downloads):
+    """Serve configured download routes of an ASGI 3 app as a direct file or a streamed ZIP.
+
+    Requests that match no route, and every other kind of scope (lifespan, websocket), go
+    to ``app`` untouched. The settings are the WSGI middleware's: keyword arguments,
+    :meth:`from_config` for a TOML file, :meth:`from_settings`.
+    """
+
+    _threads: anyio.CapacityLimiter | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        environ = wsgi_environ(scope)
+        match = self.routes.match(environ)
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        download = Download(self, environ, match, send)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(download.watch, receive, tasks.cancel_scope)
+            await download.run()
+            tasks.cancel_scope.cancel()  # the watch on the client is no longer needed
+
+    @property
+    def threads(self) -> anyio.CapacityLimiter:
+        """The worker threads download bodies are made in (made when first needed, in the loop)."""
+        if self._threads is None:
+            self._threads = anyio.CapacityLimiter(DOWNLOAD_THREADS)
+        return self._threads
+
+
+class Download:
+    """One request to a download route, from the resolver to the body's last byte."""
+
+    def __init__(self, middleware: ZipMiddleware, environ: WSGIEnvironment, match: Match, send: Send) -> None:
+        self.middleware = middleware
+        self.environ = environ
+        self.match = match
+        self.send = send
+        self.started = time.monotonic()
+        settings = middleware.settings
+        self.report = Report(settings.on_entry, settings.on_download, middleware.metrics)
+        self.gone = threading.Event()  # the client went away, or was dropped
+        environ[PRESENCE_KEY] = lambda: not self.gone.is_set()
+        self.sent = 0  # body bytes handed to the server
+
+    async def watch(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        """Wait for the client to go away; then stop everything this request does."""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.gone.set()
+                scope.cancel()
+                return
+
+    async def run(self) -> None:
+        body, status, headers = await self._ready()
+        code = int(status.split(" ", 1)[0])
+        streamed = code in (200, 206) and self.environ["REQUEST_METHOD"] != "HEAD"
+        if not streamed:  # an answer without a download body: small, and in memory
+            try:
+                await self._start(code, headers)
+                await self.send({"type": "http.response.body", "body": b"".join(body)})
+            finally:
+                close_all([body], "a response")
+            return
+        try:
+            await self._start(code, headers)
+        except BaseException:
+            close_all([body])
+            raise
+        length = next((int(value) for name, value in headers if name.lower() == "content-length"), None)
+        if await self._stream(body) and (length is None or self.sent == length):
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+        # Else the response stays incomplete: the server closes the connection.
+
+    async def _ready(self) -> Ready:
+        """The response, its first chunk made: all of it in a worker thread but an
+        asynchronous resolver, which is awaited here."""
+        middleware, environ, match = self.middleware, self.environ, self.match
+
+        def prepare(response: Response | None, answer: object = None) -> Ready:
+            if response is None:
+                response = middleware.answer(answer, environ, match, None, self.report)
+            produced = lambda: self.sent  # noqa: E731
+            return middleware.ready(response, environ, match, self.report, self.started, produced)
+
+        refused = middleware.refuse_method(environ)
+        if refused is not None:
+            return await self._in_thread(lambda: prepare(refused))
+        if not is_coroutine_function(match.resolver):  # called in the worker thread with the rest
+            return await self._in_thread(
+                lambda: prepare(middleware.respond(environ, match, None, self.report))
+            )
+        try:
+            answer = await match.resolver(Request(environ), **match.args)
+        except Exception:
+            failed = middleware.resolver_failed(environ, match)
+            return await self._in_thread(lambda: prepare(failed))
+        return await self._in_thread(lambda: prepare(None, answer))
+
+    @staticmethod
+    async def _in_thread(make: Callable[[], Ready]) -> Ready:
+        """``make()`` in a worker thread; if this request is cancelled meanwhile (the client
+        went away), the body it made is closed when it is done."""
+        made: list[Ready] = []
+
+        def keep() -> Ready:
+            made.append(make())
+            return made[0]
+
+        try:
+            return await anyio.to_thread.run_sync(keep)
+        except BaseException:
+            if made:
+                close_all([made[0][0]])
+            raise
+
+    async def _start(self, code: int, headers: list[tuple[str, str]]) -> None:
+        await self.send(
+            {
+                "type": "http.response.start",
+                "status": code,
+                "headers": [
+                    (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers
+                ],
+            }
+        )
+
+    async def _stream(self, body: Iterable[bytes]) -> bool:
+        """Send ``body``, made in a worker thread a few chunks ahead; whether it all went out."""
+        put, chunks = anyio.create_memory_object_stream[bytes](BUFFERED_CHUNKS)
+        complete = False
+
+        def produce() -> None:
+            nonlocal complete
+            try:
+                for chunk in body:
+                    if self.gone.is_set():
+                        return
+                    if chunk:
+                        anyio.from_thread.run(put.send, chunk)  # waits while the loop is behind
+                complete = True
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.get_cancelled_exc_class()):
+                pass  # the loop stopped taking chunks: the client is gone or was dropped
+            except Exception as exc:
+                # Bodies log their own failures (StreamError); anything else is logged here.
+                if not self.gone.is_set() and not isinstance(exc, StreamError):
+                    logger.exception("download of %s %s failed", self.match.rule, self.match.args)
+            finally:
+                close_all([body])  # here, in the thread that made its chunks
+                with contextlib.suppress(RuntimeError):  # the loop is gone (shutting down)
+                    anyio.from_thread.run_sync(put.close)
+
+        stall = self.middleware.settings.stall_timeout or None
+        running = False
+
+        def run() -> None:
+            nonlocal running
+            running = True
+            produce()
+
+        try:
+            await self._stream_from(run, chunks, stall)
+        finally:
+            if not running:  # cancelled before a thread was free: nothing made, closed here
+                close_all([body])
+        return complete and not self.gone.is_set()
+
+    async def _stream_from(
+        self, produce: Callable[[], None], chunks: anyio.abc.ObjectReceiveStream[bytes], stall: float | None
+    ) -> None:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._run_in_thread, produce)
+            async with chunks:
+                async for chunk in chunks:
+                    try:
+                        with anyio.fail_after(stall):
+                            await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    except TimeoutError:
+                        logger.info(
+                            "%s %s: the client took nothing for %s s; dropped",
+                            self.match.rule,
+                            self.match.args,
+                            stall,
+                        )
+                        self.gone.set()
+                        break
+                    except OSError:  # ASGI 2.4: a send to a client that is gone fails
+                        self.gone.set()
+                        break
+                    self.sent += len(chunk)
+            # Leaving the block closed the chunks' receiving end: a thread waiting to put
+            # one gets BrokenResourceError and closes the body.
+
+    async def _run_in_thread(self, work: Callable[[], None]) -> None:
+        await anyio.to_thread.run_sync(work, limiter=self.middleware.threads)
+
+
+def is_coroutine_function(resolver: object) -> bool:
+    """Whether calling ``resolver`` gives a coroutine (an ``async def`` function or ``__call__``)."""
+    if inspect.iscoroutinefunction(resolver):
+        return True
+    call = getattr(resolver, "__call__", None)  # noqa: B004
+    return inspect.iscoroutinefunction(call)
+
+
+def wsgi_environ(scope: Scope) -> WSGIEnvironment:
+    """The WSGI environ a WSGI server would give for the request of ``scope``.
+
+    ``PATH_INFO`` is the undecoded path's bytes (``raw_path``, percent-decoded) as
+    latin-1, as WSGI servers give it, less ``root_path``, which becomes ``SCRIPT_NAME``.
+    Headers become ``HTTP_*`` keys; a name with an underscore is dropped (as gunicorn and
+    nginx do: it could pass for a dash). ``REMOTE_USER`` is the scope's ``user`` when it is
+    authenticated (Starlette's AuthenticationMiddleware puts one there), and the scope
+    itself is under ``asgi.scope`` for resolvers that want more.
+    """
+    root = scope.get("root_path", "").encode("utf-8", "surrogateescape")
+    raw = scope.get("raw_path")
+    path = unquote_to_bytes(raw) if raw else scope["path"].encode("utf-8", "surrogateescape")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    server = scope.get("server") or ("localhost", 80)
+    client = scope.get("client")
+    environ: WSGIEnvironment = {
+        "REQUEST_METHOD": scope.get("method", "GET").upper(),
+        "SCRIPT_NAME": root.decode("latin-1"),
+        "PATH_INFO": path.decode("latin-1"),
+        "QUERY_STRING": scope.get("query_string", b"").decode("latin-1"),
+        "SERVER_NAME": str(server[0]),
+        "SERVER_PORT": str(server[1] if server[1] is not None else 80),
+        "SERVER_PROTOCOL": f"HTTP/{scope.get('http_version', '1.1')}",
+        "REMOTE_ADDR": client[0] if client else "",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": scope.get("scheme", "http"),
+        "wsgi.input": _NoBody(),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        "asgi.scope": scope,
+    }
+    for raw_name, raw_value in scope.get("headers", ()):
+        name = raw_name.decode("latin-1").lower()
+        if "_" in name:
+            continue
+        value = raw_value.decode("latin-1")
+        if name == "content-type":
+            key = "CONTENT_TYPE"
+        elif name == "content-length":
+            key = "CONTENT_LENGTH"
+        else:
+            key = "HTTP_" + name.upper().replace("-", "_")
+        environ[key] = f"{environ[key]},{value}" if key in environ else value
+    user = remote_user(scope.get("user"))
+    if user:
+        environ["REMOTE_USER"] = user
+    return environ
+
+
+def remote_user(user: object) -> str | None:
+    """The name of the scope's ``user``: a string, or an authenticated user object's
+    ``username``, ``display_name`` or ``identity`` (Starlette's ``BaseUser``)."""
+    if isinstance(user, str):
+        return user or None
+    if user is None or not getattr(user, "is_authenticated", False):
+        return None
+    for field in ("username", "display_name", "identity"):
+        value = getattr(user, field, None)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+class _NoBody:
+    """``wsgi.input`` of a download request: downloads read no request body."""
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def readline(self, size: int = -1) -> bytes:
+        return b""
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        return []
+
+    def __iter__(self) -> Any:
+        return iter(())
