@@ -352,3 +352,111 @@ class GunicornServer(ServerProcess):
         raise RuntimeError(
             f"gunicorn did not answer within {self.start_timeout} s ({last_error!r}):\n{self.log()}"
         )
+
+
+class AsgiServer(ServerProcess):
+    """uvicorn or hypercorn running an ASGI app on 127.0.0.1: one process, its log in
+    ``log()``, stopped like the gunicorn ones.
+
+        with AsgiServer("tests.asgi_app:app", env={"ZM_ASGI_ROOT": root}) as server:
+            urllib.request.urlopen(server.url + "/files/a.bin")
+            open_fds(server.pid)
+    """
+
+    def __init__(
+        self,
+        app_spec: str,
+        *,
+        server: str = "uvicorn",
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+        chdir: str | os.PathLike[str] | None = None,
+        pythonpath: Iterable[str | os.PathLike[str]] = (PROJECT,),
+        ready_path: str = "/",
+        start_timeout: float = 20,
+        stop_timeout: float = 10,
+    ) -> None:
+        self.app_spec = app_spec
+        self.server = server
+        self.label = server
+        self.env = dict(env or {})
+        self.args = list(args)
+        self.chdir = chdir
+        self.pythonpath = [str(path) for path in pythonpath]
+        self.ready_path = ready_path
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> AsgiServer:
+        from .clients import free_port
+
+        self._workdir = tempfile.mkdtemp(prefix=f"zm-{self.server}-")
+        self.port = free_port()
+        if self.server == "uvicorn":
+            command = [sys.executable, "-m", "uvicorn", self.app_spec, "--host", "127.0.0.1"]
+            command += ["--port", str(self.port), "--no-access-log", "--timeout-graceful-shutdown", "2"]
+        elif self.server == "hypercorn":
+            command = [sys.executable, "-m", "hypercorn", self.app_spec, "--bind", f"127.0.0.1:{self.port}"]
+            command += ["--workers", "0"]  # in this very process, like uvicorn
+        else:
+            raise ValueError(f"unknown ASGI server {self.server!r}")
+        environment = {**os.environ, **self.env}
+        environment["PYTHONPATH"] = os.pathsep.join([*self.pythonpath, environment.get("PYTHONPATH", "")])
+        with open(Path(self._workdir, "gunicorn.log"), "wb") as log:
+            self.process = subprocess.Popen(
+                [*command, *self.args],
+                cwd=self.chdir,
+                env=environment,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=self.stop_timeout)
+        self.process = None
+
+    def _wait_until_ready(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.server} exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1.0)
+                try:
+                    connection.request("GET", self.ready_path)
+                    connection.getresponse().read()
+                    return
+                finally:
+                    connection.close()
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.server} did not answer within {self.start_timeout} s:\n{self.log()}")

@@ -209,6 +209,7 @@ class Download:
     async def _stream(self, body: Iterable[bytes]) -> bool:
         """Send ``body``, made in a worker thread a few chunks ahead; whether it all went out."""
         put, chunks = anyio.create_memory_object_stream[bytes](BUFFERED_CHUNKS)
+        cancelled = anyio.get_cancelled_exc_class()  # asked here: a worker thread has no event loop
         complete = False
 
         def produce() -> None:
@@ -220,7 +221,7 @@ class Download:
                     if chunk:
                         anyio.from_thread.run(put.send, chunk)  # waits while the loop is behind
                 complete = True
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.get_cancelled_exc_class()):
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, cancelled):
                 pass  # the loop stopped taking chunks: the client is gone or was dropped
             except Exception as exc:
                 # Bodies log their own failures (StreamError); anything else is logged here.

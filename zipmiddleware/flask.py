@@ -17,7 +17,7 @@ in ``app.extensions["zipmiddleware"]``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import flask_settings
 from .middleware import ZipMiddleware
@@ -31,23 +31,27 @@ EXTENSION = "zipmiddleware"
 class Downloads:
     """The Flask extension. One instance may serve several apps (the app-factory pattern)."""
 
+    # What wraps which of the app's attributes (the Quart extension changes both).
+    door: type[Any] = ZipMiddleware
+    wrapped = "wsgi_app"
+
     def __init__(self, app: Flask | None = None) -> None:
         if app is not None:
             self.init_app(app)
 
-    def init_app(self, app: Flask) -> ZipMiddleware:
-        """Read ``app.config``, wrap ``app.wsgi_app`` and record the middleware in ``app.extensions``."""
+    def init_app(self, app: Flask) -> Any:
+        """Read ``app.config``, wrap the app and record the middleware in ``app.extensions``."""
         if EXTENSION in app.extensions:
             raise RuntimeError("zipmiddleware is already set up on this app; call init_app once per app")
-        middleware = ZipMiddleware.from_settings(app.wsgi_app, flask_settings(app.config))
-        app.wsgi_app = middleware  # type: ignore[method-assign]
+        middleware = self.door.from_settings(getattr(app, self.wrapped), flask_settings(app.config))
+        setattr(app, self.wrapped, middleware)
         app.extensions[EXTENSION] = middleware
         return middleware
 
     @staticmethod
-    def middleware(app: Flask) -> ZipMiddleware:
+    def middleware(app: Flask) -> Any:
         """The middleware ``init_app`` put on ``app``."""
         try:
-            return app.extensions[EXTENSION]  # type: ignore[no-any-return]
+            return app.extensions[EXTENSION]
         except KeyError:
             raise RuntimeError("zipmiddleware is not set up on this app: call Downloads(app) first") from None

@@ -6,6 +6,7 @@ expands these values before anything is sent.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -169,6 +170,11 @@ def interpret(result: Any) -> Resolved:
     """
     if result is None or isinstance(result, (FileTarget, SourceTarget, ZipTarget, Pending, Failed)):
         return result
+    if inspect.iscoroutine(result):
+        result.close()  # never awaited: closed, so Python does not warn about it later
+        raise TypeError(
+            "resolver returned a coroutine: async resolvers need zipmiddleware.asgi.ZipMiddleware"
+        )
     row = _as_mapping(result)
     if row is None or "status" not in row:
         raise TypeError(f"resolver returned an unsupported value of type {type(result).__name__}")
