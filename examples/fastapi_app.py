@@ -36,5 +36,5 @@ async def games() -> dict[str, list[str]]:
 app.add_middleware(
     ZipMiddleware,
     routes={"/files/<path:subpath>": {"resolver": "directory", "root": str(GAMES)}},
-    exclude=["*.tmp", ".*"],
+    ignore=["*.tmp", ".*"],  # files left out of ZIPs
 )

@@ -256,8 +256,10 @@ def readme_block(heading: str) -> str:
         ("### Plain WSGI", EXAMPLES / "plain_app.py"),
         ("### Flask", EXAMPLES / "flask_app.py"),
         ("### Pyramid / PasteDeploy (.ini)", PYRAMID_INI),
+        ("### ASGI: Starlette, FastAPI", EXAMPLES / "fastapi_app.py"),
+        ("### Quart", PROJECT / "tests" / "quart_app.py"),
     ],
-    ids=["plain", "flask", "pyramid"],
+    ids=["plain", "flask", "pyramid", "fastapi", "quart"],
 )
 def test_readme_setups_are_copied_from_the_examples(heading: str, example: Path) -> None:
     """Every line of the README's set-up appears in the example the tests run, in the same order."""
