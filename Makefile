@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 # The demo's port: `make demo PORT=8080` (or PORT in the environment) when 8000 is taken.
 PORT   ?= 8000
 
-.PHONY: venv demo test lint bench bench-engine bench-deflate bench-plans bench-throughput bench-ranges bench-cold bench-remote bench-scaling clean
+.PHONY: venv demo test lint bench bench-engine bench-deflate bench-plans bench-throughput bench-ranges bench-cold bench-remote bench-scaling bench-asgi clean
 
 venv: $(STAMP)
 
@@ -56,6 +56,11 @@ bench-remote: $(STAMP)
 # as the store, under gunicorn: about 2 minutes.
 bench-scaling: $(STAMP)
 	$(BIN)/python bench/scaling_out.py
+
+# The ASGI middleware under uvicorn against Starlette's FileResponse: a direct file and a stored ZIP of
+# 4 x 256 MB, the CRC-32 store warm and cold: about 1 minute.
+bench-asgi: $(STAMP)
+	$(BIN)/python bench/asgi_speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -10,7 +10,8 @@ Routes:
 * ``/async/<path:subpath>``: the same through a coroutine resolver;
 * ``/who/<name>``: a plain resolver that answers with the request's fields (as a 418);
 * ``/broken/<name>``: a ZIP whose second entry fails after 4 MiB;
-* ``/api/ping``: the app's own JSON; ``/starlette/<path>``: Starlette's own FileResponse;
+* ``/api/ping``: the app's own JSON; ``/starlette/<path>``: Starlette's own FileResponse (and
+  ``/starlette-256k/<path>``: with 256 KiB reads);
 * ``/slow-resolver``: a plain resolver that sleeps 1 s (in its worker thread).
 """
 
@@ -103,8 +104,20 @@ async def starlette_file(request: Request) -> Response:
     return FileResponse(ROOT / request.path_params["path"])
 
 
+class BigChunkFileResponse(FileResponse):
+    chunk_size = 256 * 1024  # zipmiddleware's default (Starlette's: 64 KiB)
+
+
+async def starlette_file_256k(request: Request) -> Response:
+    return BigChunkFileResponse(ROOT / request.path_params["path"])
+
+
 app = Starlette(
-    routes=[Route("/api/ping", ping), Route("/starlette/{path:path}", starlette_file)],
+    routes=[
+        Route("/api/ping", ping),
+        Route("/starlette/{path:path}", starlette_file),
+        Route("/starlette-256k/{path:path}", starlette_file_256k),
+    ],
     middleware=[
         Middleware(AuthenticationMiddleware, backend=HeaderUser()),
         Middleware(

@@ -128,6 +128,19 @@ def alive(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
 
 
+def terminate(process: subprocess.Popen[bytes], pid: int, timeout: float) -> None:
+    """SIGTERM ``pid`` (the server's master), wait ``timeout`` seconds for ``process`` to end,
+    then SIGKILL the process group ``process`` started (it was started in a session of its own)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout)
+
+
 class ServerProcess:
     """What the test servers share: a private folder holding the server's log, and a
     ``with`` block that starts the server, stops it, and prints the log's tail if the block failed.
@@ -301,14 +314,7 @@ class GunicornServer(ServerProcess):
             return
         if process.poll() is None:
             target = self.master_pid if self.master_pid and alive(self.master_pid) else process.pid
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(target, signal.SIGTERM)
-            try:
-                process.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=self.stop_timeout)
+            terminate(process, target, self.stop_timeout)
         # A worker whose master died would linger: kill it if it is still in our process group.
         for pid in self._seen_workers:
             with contextlib.suppress(OSError):
@@ -434,13 +440,7 @@ class AsgiServer(ServerProcess):
         if process is None:
             return
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=self.stop_timeout)
+            terminate(process, process.pid, self.stop_timeout)
         self.process = None
 
     def _wait_until_ready(self) -> None:

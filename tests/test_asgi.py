@@ -325,6 +325,28 @@ def test_a_stalled_client_is_dropped(uvicorn: AsgiServer, library: tuple[Path, A
     assert "took nothing for 3.0 s" in uvicorn.log(), uvicorn.log()[-3000:]
 
 
+def test_a_slow_client_that_keeps_reading_is_never_dropped(uvicorn: AsgiServer) -> None:
+    """stall_timeout counts from the last progress the server can see: a send of a piece of
+    64 KiB, which returns once the kernel has room again (a third of its send buffer free, up
+    to about 1.3 MB on Linux). A client that takes 64 KiB every 50 ms (1.3 MB/s) through a
+    small buffer for 8 s, with stall_timeout 3 s, is still downloading at the end."""
+    dropped_before = uvicorn.log().count("took nothing")
+    sock = socket.create_connection(("127.0.0.1", uvicorn.port), timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.sendall(b"GET /files/games/big HTTP/1.1\r\nHost: x\r\n\r\n")
+    received, ended = 0, time.monotonic() + 8
+    try:
+        while time.monotonic() < ended:
+            data = sock.recv(65536)
+            assert data, f"the server closed the download after {received} bytes"
+            received += len(data)
+            time.sleep(0.05)
+    finally:
+        sock.close()
+    assert uvicorn.log().count("took nothing") == dropped_before, uvicorn.log()[-2000:]
+    assert 3_000_000 < received < 30_000_000
+
+
 def test_a_body_failing_part_way_aborts_the_connection(uvicorn: AsgiServer, tmp_path: Path) -> None:
     output = tmp_path / "broken.zip"
     result = run(["curl", "-sS", "-o", output, uvicorn.url + "/broken/case"])

@@ -22,8 +22,8 @@ bytes. What this module adds is how the work meets the event loop:
   is slower, so a download holds a few chunks of memory, never more.
 * The client going away (``http.disconnect``, or a send that fails) stops the body at its
   next chunk, and the thread closes it, as a WSGI server would; cold CRC-32 work the
-  request waits for stops too. A client that takes no chunk for ``stall_timeout`` seconds
-  is dropped.
+  request waits for stops too. A client that takes nothing for ``stall_timeout`` seconds
+  (no piece of :data:`STALL_PIECE` bytes goes out) is dropped.
 * A body that fails part-way ends the response without completing it: the server closes
   the connection, and the client sees a failed download, never a short one.
 
@@ -73,6 +73,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 DOWNLOAD_THREADS = 64
 # Chunks a download's thread may make ahead of what the client has taken.
 BUFFERED_CHUNKS = 2
+# What a client must take per stall_timeout (after what the server and the kernel buffer).
+STALL_PIECE = 64 * 1024
 
 
 class ZipMiddleware(Downloads):
@@ -255,8 +257,14 @@ class Download:
             async with chunks:
                 async for chunk in chunks:
                     try:
-                        with anyio.fail_after(stall):
-                            await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        # In pieces, each with its own time: the stall timeout counts from the
+                        # last progress, so a slow client that keeps reading is never cut.
+                        for start in range(0, len(chunk), STALL_PIECE):
+                            piece = chunk if len(chunk) <= STALL_PIECE else chunk[start : start + STALL_PIECE]
+                            with anyio.fail_after(stall):
+                                await self.send(
+                                    {"type": "http.response.body", "body": piece, "more_body": True}
+                                )
                     except TimeoutError:
                         logger.info(
                             "%s %s: the client took nothing for %s s; dropped",
