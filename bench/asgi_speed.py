@@ -308,6 +308,14 @@ def report(run: Run, rounds: list[dict[str, Sample]], repeat: int) -> None:
         print(
             f"{case} / FileResponse = {ratio:.2f} (target >= {target:g}): {verdict}  [round by round: {paired}]"
         )
+    reference = run.samples.get(BASELINE_256)
+    for case in (DIRECT, ZIP_WARM):
+        samples = run.samples.get(case)
+        if reference and samples:
+            ratio = median([s.mbps for s in samples]) / median([s.mbps for s in reference])
+            print(
+                f"{case} / FileResponse with 256 KiB reads = {ratio:.2f} (for reference: the same chunk size)"
+            )
 
 
 # -- main -----------------------------------------------------------------------------------

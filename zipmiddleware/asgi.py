@@ -35,19 +35,19 @@ checked, a symlink race away from leaving the configured roots.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import anyio
-import anyio.abc
-import anyio.from_thread
 import anyio.to_thread
 from werkzeug.wrappers import Request, Response
 
@@ -59,7 +59,7 @@ from .events import Report
 from .routing import Match
 from .types import WSGIEnvironment
 
-__all__ = ["BUFFERED_CHUNKS", "DOWNLOAD_THREADS", "ZipMiddleware", "wsgi_environ"]
+__all__ = ["BUFFERED_CHUNKS", "DOWNLOAD_THREADS", "STALL_PIECE", "ZipMiddleware", "wsgi_environ"]
 
 logger = logging.getLogger("zipmiddleware")
 
@@ -74,7 +74,7 @@ DOWNLOAD_THREADS = 64
 # Chunks a download's thread may make ahead of what the client has taken.
 BUFFERED_CHUNKS = 2
 # What a client must take per stall_timeout (after what the server and the kernel buffer).
-STALL_PIECE = 64 * 1024
+STALL_PIECE = 256 * 1024
 
 
 class ZipMiddleware(Downloads):
@@ -210,79 +210,130 @@ class Download:
 
     async def _stream(self, body: Iterable[bytes]) -> bool:
         """Send ``body``, made in a worker thread a few chunks ahead; whether it all went out."""
-        put, chunks = anyio.create_memory_object_stream[bytes](BUFFERED_CHUNKS)
-        cancelled = anyio.get_cancelled_exc_class()  # asked here: a worker thread has no event loop
+        handoff = Handoff(BUFFERED_CHUNKS)
         complete = False
+        running = False
 
         def produce() -> None:
-            nonlocal complete
+            nonlocal complete, running
+            running = True
             try:
                 for chunk in body:
-                    if self.gone.is_set():
-                        return
-                    if chunk:
-                        anyio.from_thread.run(put.send, chunk)  # waits while the loop is behind
+                    if self.gone.is_set() or (chunk and not handoff.put(chunk)):
+                        return  # the client is gone or was dropped
                 complete = True
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, cancelled):
-                pass  # the loop stopped taking chunks: the client is gone or was dropped
             except Exception as exc:
                 # Bodies log their own failures (StreamError); anything else is logged here.
                 if not self.gone.is_set() and not isinstance(exc, StreamError):
                     logger.exception("download of %s %s failed", self.match.rule, self.match.args)
             finally:
                 close_all([body])  # here, in the thread that made its chunks
-                with contextlib.suppress(RuntimeError):  # the loop is gone (shutting down)
-                    anyio.from_thread.run_sync(put.close)
-
-        stall = self.middleware.settings.stall_timeout or None
-        running = False
-
-        def run() -> None:
-            nonlocal running
-            running = True
-            produce()
+                handoff.end()
 
         try:
-            await self._stream_from(run, chunks, stall)
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._run_in_thread, produce)
+                try:
+                    await self._send_chunks(handoff)
+                finally:
+                    handoff.close()  # a thread waiting for room stops
         finally:
             if not running:  # cancelled before a thread was free: nothing made, closed here
                 close_all([body])
         return complete and not self.gone.is_set()
 
-    async def _stream_from(
-        self, produce: Callable[[], None], chunks: anyio.abc.ObjectReceiveStream[bytes], stall: float | None
-    ) -> None:
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(self._run_in_thread, produce)
-            async with chunks:
-                async for chunk in chunks:
-                    try:
-                        # In pieces, each with its own time: the stall timeout counts from the
-                        # last progress, so a slow client that keeps reading is never cut.
-                        for start in range(0, len(chunk), STALL_PIECE):
-                            piece = chunk if len(chunk) <= STALL_PIECE else chunk[start : start + STALL_PIECE]
-                            with anyio.fail_after(stall):
-                                await self.send(
-                                    {"type": "http.response.body", "body": piece, "more_body": True}
-                                )
-                    except TimeoutError:
-                        logger.info(
-                            "%s %s: the client took nothing for %s s; dropped",
-                            self.match.rule,
-                            self.match.args,
-                            stall,
-                        )
-                        self.gone.set()
-                        break
-                    except OSError:  # ASGI 2.4: a send to a client that is gone fails
-                        self.gone.set()
-                        break
-                    self.sent += len(chunk)
-            # Leaving the block closed the chunks' receiving end: a thread waiting to put
-            # one gets BrokenResourceError and closes the body.
+    async def _send_chunks(self, handoff: Handoff) -> None:
+        stall = self.middleware.settings.stall_timeout or None
+        async for chunk in handoff:
+            try:
+                # In pieces, each with its own time: the stall timeout counts from the last
+                # progress the app can see, whatever chunk_size is.
+                for start in range(0, len(chunk), STALL_PIECE):
+                    piece = chunk if len(chunk) <= STALL_PIECE else chunk[start : start + STALL_PIECE]
+                    with anyio.fail_after(stall):
+                        await self.send({"type": "http.response.body", "body": piece, "more_body": True})
+            except TimeoutError:
+                logger.info(
+                    "%s %s: the client took nothing for %s s; dropped",
+                    self.match.rule,
+                    self.match.args,
+                    stall,
+                )
+                self.gone.set()
+                return
+            except OSError:  # ASGI 2.4: a send to a client that is gone fails
+                self.gone.set()
+                return
+            self.sent += len(chunk)
 
     async def _run_in_thread(self, work: Callable[[], None]) -> None:
         await anyio.to_thread.run_sync(work, limiter=self.middleware.threads)
+
+
+class Handoff:
+    """Chunks from a worker thread to the event loop, at most ``depth`` of them waiting.
+
+    The thread hands a chunk over without waiting for the loop (a callback scheduled in
+    it), so it reads the next chunk while the loop sends this one; it waits only when
+    ``depth`` chunks are already waiting. Works under asyncio and trio.
+    """
+
+    def __init__(self, depth: int) -> None:
+        self._depth = depth
+        self._room = threading.Semaphore(depth)
+        self._closed = False
+        self._chunks: deque[bytes | None] = deque()
+        self._ready = anyio.Event()
+        self._soon = _call_soon()
+
+    # -- the worker thread ---------------------------------------------------------------
+
+    def put(self, chunk: bytes) -> bool:
+        """Hand ``chunk`` over (waiting for room); False once the loop takes no more."""
+        self._room.acquire()
+        if self._closed:
+            return False
+        self._soon(self._arrive, chunk)
+        return True
+
+    def end(self) -> None:
+        """No more chunks (made, or stopped)."""
+        with contextlib.suppress(RuntimeError):  # the loop is gone (shutting down)
+            self._soon(self._arrive, None)
+
+    # -- the event loop --------------------------------------------------------------------
+
+    def _arrive(self, chunk: bytes | None) -> None:
+        self._chunks.append(chunk)
+        self._ready.set()
+
+    def __aiter__(self) -> Handoff:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._chunks:
+            await self._ready.wait()
+            self._ready = anyio.Event()
+        chunk = self._chunks.popleft()
+        if chunk is None:
+            raise StopAsyncIteration
+        self._room.release()
+        return chunk
+
+    def close(self) -> None:
+        """Take no more: a thread waiting for room, or coming to wait, stops at once."""
+        self._closed = True
+        self._room.release(self._depth + 1)
+
+
+def _call_soon() -> Callable[..., object]:
+    """The running event loop's thread-safe "call this soon" (asyncio's or trio's)."""
+    try:
+        return asyncio.get_running_loop().call_soon_threadsafe
+    except RuntimeError:  # not asyncio: trio is the other loop anyio runs on
+        import trio
+
+        return trio.lowlevel.current_trio_token().run_sync_soon
 
 
 def is_coroutine_function(resolver: object) -> bool:
