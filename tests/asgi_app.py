@@ -17,7 +17,6 @@ Routes:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -25,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
 from starlette.middleware import Middleware
@@ -61,7 +61,7 @@ def settings(root: Path, crc_cache: str, stall_timeout: float = 60.0) -> dict[st
 
 
 async def resolve_async(request: Any, subpath: str) -> FileTarget | ZipTarget | None:
-    await asyncio.sleep(0.01)  # it really awaits
+    await anyio.sleep(0.01)  # it really awaits (anyio: asyncio or trio, as the server runs)
     path = ROOT / subpath
     if path.is_dir():
         return ZipTarget.from_directory(path)

@@ -64,13 +64,12 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, di
     shutil.rmtree(root, ignore_errors=True)
 
 
-def start(server: str, root: Path, crc: Path, **env: str) -> AsgiServer:
-    try:
-        __import__(server)
-    except ImportError:
-        unavailable(f"{server} is not installed")
+def start(server: str, root: Path, crc: Path, args: list[str] | None = None, **env: str) -> AsgiServer:
+    require_module(server)
     variables = {"ZM_ASGI_ROOT": str(root), "ZM_ASGI_CRC": str(crc), **env}
-    return AsgiServer("tests.asgi_app:app", server=server, env=variables, ready_path="/api/ping").start()
+    return AsgiServer(
+        "tests.asgi_app:app", server=server, env=variables, args=args or (), ready_path="/api/ping"
+    ).start()
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +88,26 @@ def hypercorn(library: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactor
     yield server
     server.stop()
     server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def hypercorn_trio(
+    library: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AsgiServer]:
+    """hypercorn on trio's event loop rather than asyncio's."""
+    root, _ = library
+    require_module("trio")
+    server = start("hypercorn", root, tmp_path_factory.mktemp("crc") / "crc.sqlite", args=["-k", "trio"])
+    yield server
+    server.stop()
+    server.cleanup()
+
+
+def require_module(name: str) -> None:
+    try:
+        __import__(name)
+    except ImportError:
+        unavailable(f"{name} is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +145,7 @@ def twin(
 # -- the same as WSGI ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("server_name", ["uvicorn", "hypercorn"])
+@pytest.mark.parametrize("server_name", ["uvicorn", "hypercorn", "hypercorn_trio"])
 @pytest.mark.parametrize(
     "path", ["/files/games/small", "/files/games/big", "/files/games/small/readme.txt", "/async/games/small"]
 )
@@ -276,7 +295,7 @@ def start_reading(server: AsgiServer, path: str, *, read: int) -> socket.socket:
     return sock
 
 
-@pytest.mark.parametrize("server_name", ["uvicorn", "hypercorn"])
+@pytest.mark.parametrize("server_name", ["uvicorn", "hypercorn", "hypercorn_trio"])
 def test_disconnects_release_every_file(server_name: str, request: pytest.FixtureRequest) -> None:
     server = request.getfixturevalue(server_name)
     get(server, "/api/ping")
@@ -347,9 +366,13 @@ def test_a_slow_client_that_keeps_reading_is_never_dropped(uvicorn: AsgiServer) 
     assert 3_000_000 < received < 30_000_000
 
 
-def test_a_body_failing_part_way_aborts_the_connection(uvicorn: AsgiServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("server_name", ["uvicorn", "hypercorn", "hypercorn_trio"])
+def test_a_body_failing_part_way_aborts_the_connection(
+    server_name: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    server = request.getfixturevalue(server_name)
     output = tmp_path / "broken.zip"
-    result = run(["curl", "-sS", "-o", output, uvicorn.url + "/broken/case"])
+    result = run(["curl", "-sS", "-o", output, server.url + "/broken/case"])
     assert result.returncode != 0, "a failed body must not look like a complete download"
     assert 1 << 20 < size_of(output) < (1 << 20) + asgi_app.BROKEN_AFTER + 10_000
 
