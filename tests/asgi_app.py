@@ -17,6 +17,7 @@ Routes:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -112,6 +113,15 @@ async def starlette_file_256k(request: Request) -> Response:
     return BigChunkFileResponse(ROOT / request.path_params["path"])
 
 
+def record(event: Any) -> None:
+    """on_download: one JSON line per download in ZM_ASGI_EVENTS, when it is set."""
+    path = os.environ.get("ZM_ASGI_EVENTS")
+    if path:
+        with open(path, "a", encoding="utf-8") as file:
+            fields = {"status": event.status, "sent": event.bytes_sent, "http_status": event.http_status}
+            file.write(json.dumps({**fields, "name": event.download_name}) + "\n")
+
+
 app = Starlette(
     routes=[
         Route("/api/ping", ping),
@@ -125,6 +135,7 @@ app = Starlette(
             **settings(
                 ROOT, os.environ.get("ZM_ASGI_CRC", ":memory:"), float(os.environ.get("ZM_ASGI_STALL", 60))
             ),
+            on_download=record,
         ),
     ],
 )

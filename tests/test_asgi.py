@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import shutil
 import socket
@@ -75,7 +76,8 @@ def start(server: str, root: Path, crc: Path, args: list[str] | None = None, **e
 @pytest.fixture(scope="module")
 def uvicorn(library: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[AsgiServer]:
     root, _ = library
-    server = start("uvicorn", root, tmp_path_factory.mktemp("crc") / "crc.sqlite", ZM_ASGI_STALL="3")
+    crc, events = tmp_path_factory.mktemp("crc") / "crc.sqlite", tmp_path_factory.mktemp("events") / "events"
+    server = start("uvicorn", root, crc, ZM_ASGI_STALL="3", ZM_ASGI_EVENTS=str(events))
     yield server
     server.stop()
     server.cleanup()
@@ -375,6 +377,45 @@ def test_a_body_failing_part_way_aborts_the_connection(
     result = run(["curl", "-sS", "-o", output, server.url + "/broken/case"])
     assert result.returncode != 0, "a failed body must not look like a complete download"
     assert 1 << 20 < size_of(output) < (1 << 20) + asgi_app.BROKEN_AFTER + 10_000
+
+
+def events_of(server: AsgiServer) -> list[dict[str, Any]]:
+    """What on_download reported so far (tests/asgi_app.py writes one JSON line per download)."""
+    path = Path(server.env["ZM_ASGI_EVENTS"])
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines]
+
+
+def test_on_download_reports_how_each_download_ended(uvicorn: AsgiServer) -> None:
+    """The WSGI door's reporting, unchanged: complete, a range, a client gone, a failure."""
+
+    def next_event(before: int) -> dict[str, Any]:
+        assert wait_for(lambda: len(events_of(uvicorn)) > before, 10), events_of(uvicorn)
+        return events_of(uvicorn)[before]
+
+    count = len(events_of(uvicorn))
+    _, _, body = get(uvicorn, "/files/games/small")
+    assert next_event(count) == {
+        "status": "complete",
+        "sent": len(body),
+        "http_status": 200,
+        "name": "small.zip",
+    }
+    _, _, part = get(uvicorn, "/files/games/small", Range="bytes=10-1009")
+    assert next_event(count + 1) == {
+        "status": "complete",
+        "sent": 1000,
+        "http_status": 206,
+        "name": "small.zip",
+    }
+    sock = start_reading(uvicorn, "/files/games/big", read=1_000_000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+    gone = next_event(count + 2)
+    assert gone["status"] == "client_gone" and 1_000_000 <= gone["sent"] < 40_000_000, gone
+    run(["curl", "-sS", "-o", "/dev/null", uvicorn.url + "/broken/case"])
+    failed = next_event(count + 3)
+    assert failed["status"] == "aborted" and failed["sent"] >= 1 << 20, failed
 
 
 # -- the event loop is never blocked ------------------------------------------------------------

@@ -55,7 +55,7 @@ from .checksums import PRESENCE_KEY
 from .closing import close_all
 from .core import Downloads, Ready
 from .errors import StreamError
-from .events import Report
+from .events import CLIENT_GONE, COMPLETE, Report, Watched
 from .routing import Match
 from .types import WSGIEnvironment
 
@@ -227,8 +227,13 @@ class Download:
                 if not self.gone.is_set() and not isinstance(exc, StreamError):
                     logger.exception("download of %s %s failed", self.match.rule, self.match.args)
             finally:
-                close_all([body])  # here, in the thread that made its chunks
                 handoff.end()
+                # Closed here, in the thread that made its chunks, once the loop has sent them
+                # (or given up): what a download reports (on_download, metrics) is what went out.
+                handoff.wait_closed()
+                if self.gone.is_set() and isinstance(body, Watched) and body.outcome == COMPLETE:
+                    body.outcome = CLIENT_GONE  # all made, not all sent
+                close_all([body])
 
         try:
             async with anyio.create_task_group() as tasks:
@@ -282,6 +287,7 @@ class Handoff:
         self._depth = depth
         self._room = threading.Semaphore(depth)
         self._closed = False
+        self._done = threading.Event()
         self._chunks: deque[bytes | None] = deque()
         self._ready = anyio.Event()
         self._soon = _call_soon()
@@ -324,6 +330,11 @@ class Handoff:
         """Take no more: a thread waiting for room, or coming to wait, stops at once."""
         self._closed = True
         self._room.release(self._depth + 1)
+        self._done.set()
+
+    def wait_closed(self) -> None:
+        """(The worker thread.) Wait until the loop has taken or dropped every chunk."""
+        self._done.wait()
 
 
 def _call_soon() -> Callable[..., object]:
