@@ -528,6 +528,11 @@ def test_settings_are_checked_as_for_wsgi(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="chunk_sise"):
         ZipMiddleware(None, routes={}, chunk_sise=1)
+    async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    with pytest.raises(ConfigError, match="^app: an ASGI app"):  # the WSGI class, by mistake
+        WsgiZipMiddleware(asgi_app, routes={})
     config = tmp_path / "zm.toml"
     config.write_text(f'[zipmiddleware]\nroots = ["{tmp_path}"]\nchunk_size = 131072\n')
     middleware = ZipMiddleware.from_config(None, config)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import sys
 import threading
@@ -53,7 +52,7 @@ from werkzeug.wrappers import Request, Response
 
 from .checksums import PRESENCE_KEY
 from .closing import close_all
-from .core import Downloads, Ready
+from .core import Downloads, Ready, is_coroutine_function
 from .errors import StreamError
 from .events import CLIENT_GONE, COMPLETE, Report, Watched
 from .routing import Match
@@ -345,14 +344,6 @@ def _call_soon() -> Callable[..., object]:
         import trio
 
         return trio.lowlevel.current_trio_token().run_sync_soon
-
-
-def is_coroutine_function(resolver: object) -> bool:
-    """Whether calling ``resolver`` gives a coroutine (an ``async def`` function or ``__call__``)."""
-    if inspect.iscoroutinefunction(resolver):
-        return True
-    call = getattr(resolver, "__call__", None)  # noqa: B004
-    return inspect.iscoroutinefunction(call)
 
 
 def wsgi_environ(scope: Scope) -> WSGIEnvironment:

@@ -8,6 +8,7 @@ first chunk is already made. The WSGI middleware (:mod:`.middleware`) and the AS
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -269,3 +270,12 @@ class Downloads:
             )
 
         return Watched(body, report, describe, started, response.status_code, produced)
+
+
+def is_coroutine_function(function: object) -> bool:
+    """Whether calling ``function`` gives a coroutine (an ``async def`` function or ``__call__``):
+    an asynchronous resolver, or an ASGI app."""
+    if inspect.iscoroutinefunction(function):
+        return True
+    call = getattr(function, "__call__", None)  # noqa: B004
+    return inspect.iscoroutinefunction(call)

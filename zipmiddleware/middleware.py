@@ -9,8 +9,9 @@ from typing import Any
 
 from .config import Settings
 from .connection import limit_stalls
-from .core import CLIENT_CLOSED, Downloads
+from .core import CLIENT_CLOSED, Downloads, is_coroutine_function
 from .deployment import SYNC_WORKER_WARNING, check_server_at_startup, is_sync_worker_request
+from .errors import ConfigError
 from .events import Report
 from .types import StartResponse, WSGIEnvironment
 from .zerocopy import ZeroCopy
@@ -33,6 +34,8 @@ class ZipMiddleware(Downloads):
     """
 
     def _setup(self, app: Any, settings: Settings) -> None:
+        if is_coroutine_function(app):  # Starlette's add_middleware(ZipMiddleware) with this class
+            raise ConfigError("app", "an ASGI app (async): wrap it with zipmiddleware.asgi.ZipMiddleware")
         super()._setup(app, settings)
         # Warned once per process about gunicorn's sync worker: when it loads the app, else at
         # the first download it serves (see deployment.py).
