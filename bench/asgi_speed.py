@@ -78,7 +78,7 @@ if str(PROJECT) not in sys.path:
 import zipmiddleware  # noqa: E402
 
 # Measured and printed as the other server benchmarks do.
-from bench.remote_sources import build_data_set, data_files, machine_busy, vm_rss  # noqa: E402
+from bench.remote_sources import build_data_set, data_files, file_sha256, machine_busy, vm_rss  # noqa: E402
 from bench.scaling_out import Curl, children_cpu, curl, median, print_table, verify_zip  # noqa: E402
 from tests.servers import AsgiServer, cpu_seconds, peak_memory, reset_peak_memory  # noqa: E402
 
@@ -131,14 +131,6 @@ def digests(paths: list[Path]) -> tuple[dict[str, str], str]:
                 whole.update(data)
         found[path.name] = digest.hexdigest()
     return found, whole.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as file:
-        while data := file.read(MIB):
-            digest.update(data)
-    return digest.hexdigest()
 
 
 # -- measuring ------------------------------------------------------------------------------

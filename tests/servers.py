@@ -128,6 +128,21 @@ def alive(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
 
 
+def answer(host: str, port: int, path: str, *, tls: bool = False) -> None:
+    """One GET of ``path``, read to its end (whatever its status): raises while the server
+    does not answer yet (OSError, http.client.HTTPException)."""
+    connection = (
+        http.client.HTTPSConnection(host, port, timeout=1.0, context=ssl._create_unverified_context())
+        if tls
+        else http.client.HTTPConnection(host, port, timeout=1.0)
+    )
+    try:
+        connection.request("GET", path)
+        connection.getresponse().read()
+    finally:
+        connection.close()
+
+
 def terminate(process: subprocess.Popen[bytes], pid: int, timeout: float) -> None:
     """SIGTERM ``pid`` (the server's master), wait ``timeout`` seconds for ``process`` to end,
     then SIGKILL the process group ``process`` started (it was started in a session of its own)."""
@@ -339,19 +354,8 @@ class GunicornServer(ServerProcess):
                     self.master_pid = int(Path(pidfile).read_text().strip())
             if self.master_pid and self.worker_pids():
                 try:
-                    connection = (
-                        http.client.HTTPSConnection(
-                            self.host, self.port, timeout=1.0, context=ssl._create_unverified_context()
-                        )
-                        if self.tls
-                        else http.client.HTTPConnection(self.host, self.port, timeout=1.0)
-                    )
-                    try:
-                        connection.request("GET", self.ready_path)
-                        connection.getresponse().read()
-                        return
-                    finally:
-                        connection.close()
+                    answer(self.host, self.port, self.ready_path, tls=self.tls)
+                    return
                 except (OSError, http.client.HTTPException) as exc:
                     last_error = exc
             time.sleep(0.05)
@@ -450,13 +454,8 @@ class AsgiServer(ServerProcess):
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.server} exited with {self.process.returncode}:\n{self.log()}")
             try:
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1.0)
-                try:
-                    connection.request("GET", self.ready_path)
-                    connection.getresponse().read()
-                    return
-                finally:
-                    connection.close()
-            except OSError:
+                answer("127.0.0.1", self.port, self.ready_path)
+                return
+            except (OSError, http.client.HTTPException):
                 time.sleep(0.05)
         raise RuntimeError(f"{self.server} did not answer within {self.start_timeout} s:\n{self.log()}")
