@@ -31,6 +31,14 @@ def unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+def require_module(name: str) -> None:
+    """Skip (or, under ``ZM_REQUIRE_ALL``, fail) a test whose Python package is not installed."""
+    try:
+        __import__(name)
+    except ImportError:
+        unavailable(f"{name} is not installed")
+
+
 def run(command: list[Any], timeout: float = 30, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
     """Run a client tool with a bounded time and a UTF-8 locale; output is captured."""
     return subprocess.run(command, capture_output=True, timeout=timeout, env=TOOL_ENV, check=False, **kwargs)

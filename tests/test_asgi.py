@@ -31,6 +31,7 @@ from .clients import (
     assert_good_zip,
     kill_part_way,
     read_headers,
+    require_module,
     run,
     sha256_file,
     size_of,
@@ -103,13 +104,6 @@ def hypercorn_trio(
     yield server
     server.stop()
     server.cleanup()
-
-
-def require_module(name: str) -> None:
-    try:
-        __import__(name)
-    except ImportError:
-        unavailable(f"{name} is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -528,6 +522,7 @@ def test_settings_are_checked_as_for_wsgi(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="chunk_sise"):
         ZipMiddleware(None, routes={}, chunk_sise=1)
+
     async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
         pass
 

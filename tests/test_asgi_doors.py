@@ -13,7 +13,7 @@ import pytest
 from zipmiddleware import ConfigError
 from zipmiddleware.asgi import ZipMiddleware
 
-from .clients import assert_good_zip, run, unavailable
+from .clients import assert_good_zip, require_module, run
 from .servers import PROJECT, AsgiServer
 
 FILES = {"readme.txt": b"read me\n", "data/level1.dat": bytes(range(256)) * 400}
@@ -26,20 +26,13 @@ def write_game(folder: Path) -> None:
         path.write_bytes(data)
 
 
-def require(module: str) -> None:
-    try:
-        __import__(module)
-    except ImportError:
-        unavailable(f"{module} is not installed")
-
-
 def fetch(url: str) -> tuple[int, dict[str, str], bytes]:
     with urllib.request.urlopen(url, timeout=30) as response:
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
 
 
 def test_quart_app_under_uvicorn(tmp_path: Path) -> None:
-    require("quart")
+    require_module("quart")
     write_game(tmp_path / "games" / "doom")
     env = {"ZM_QUART_ROOT": str(tmp_path / "games"), "ZM_QUART_CRC": str(tmp_path / "crc.sqlite")}
     with AsgiServer("tests.quart_app:app", env=env, ready_path="/api/hello") as server:
@@ -62,7 +55,7 @@ def fetch_request(request: urllib.request.Request) -> tuple[int, dict[str, str],
 
 
 def test_quart_config_errors_name_the_key() -> None:
-    require("quart")
+    require_module("quart")
     from quart import Quart
 
     from zipmiddleware.quart import Downloads
@@ -81,7 +74,7 @@ def test_quart_config_errors_name_the_key() -> None:
 
 def test_fastapi_example_under_uvicorn(tmp_path: Path) -> None:
     """As its docstring says: ``uvicorn fastapi_app:app`` in examples/, ZM_GAMES naming the games."""
-    require("fastapi")
+    require_module("fastapi")
     write_game(tmp_path / "games" / "quake")
     (tmp_path / "games" / "quake" / "scratch.tmp").write_bytes(b"left out by exclude")
     with AsgiServer(

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import sys
 import threading
@@ -165,13 +166,13 @@ class Download:
             produced = lambda: self.sent  # noqa: E731
             return middleware.ready(response, environ, match, self.report, self.started, produced)
 
-        refused = middleware.refuse_method(environ)
-        if refused is not None:
-            return await self._in_thread(lambda: prepare(refused))
         if not is_coroutine_function(match.resolver):  # called in the worker thread with the rest
             return await self._in_thread(
                 lambda: prepare(middleware.respond(environ, match, None, self.report))
             )
+        refused = middleware.refuse_method(environ)
+        if refused is not None:  # a text response: nothing to read
+            return prepare(refused)
         try:
             answer = await match.resolver(Request(environ), **match.args)
         except Exception:
@@ -230,7 +231,7 @@ class Download:
                 # Closed here, in the thread that made its chunks, once the loop has sent them
                 # (or given up): what a download reports (on_download, metrics) is what went out.
                 handoff.wait_closed()
-                if self.gone.is_set() and isinstance(body, Watched) and body.outcome == COMPLETE:
+                if not handoff.drained and isinstance(body, Watched) and body.outcome == COMPLETE:
                     body.outcome = CLIENT_GONE  # all made, not all sent
                 close_all([body])
 
@@ -244,7 +245,7 @@ class Download:
         finally:
             if not running:  # cancelled before a thread was free: nothing made, closed here
                 close_all([body])
-        return complete and not self.gone.is_set()
+        return complete and handoff.drained
 
     async def _send_chunks(self, handoff: Handoff) -> None:
         stall = self.middleware.settings.stall_timeout or None
@@ -286,6 +287,7 @@ class Handoff:
         self._depth = depth
         self._room = threading.Semaphore(depth)
         self._closed = False
+        self.drained = False
         self._done = threading.Event()
         self._chunks: deque[bytes | None] = deque()
         self._ready = anyio.Event()
@@ -321,6 +323,7 @@ class Handoff:
             self._ready = anyio.Event()
         chunk = self._chunks.popleft()
         if chunk is None:
+            self.drained = True  # every chunk was taken (and, by the loop taking them, sent)
             raise StopAsyncIteration
         self._room.release()
         return chunk
@@ -374,7 +377,7 @@ def wsgi_environ(scope: Scope) -> WSGIEnvironment:
         "REMOTE_ADDR": client[0] if client else "",
         "wsgi.version": (1, 0),
         "wsgi.url_scheme": scope.get("scheme", "http"),
-        "wsgi.input": _NoBody(),
+        "wsgi.input": io.BytesIO(),  # downloads read no request body
         "wsgi.errors": sys.stderr,
         "wsgi.multithread": True,
         "wsgi.multiprocess": True,
@@ -411,19 +414,3 @@ def remote_user(user: object) -> str | None:
         if isinstance(value, str) and value:
             return value
     return None
-
-
-class _NoBody:
-    """``wsgi.input`` of a download request: downloads read no request body."""
-
-    def read(self, size: int = -1) -> bytes:
-        return b""
-
-    def readline(self, size: int = -1) -> bytes:
-        return b""
-
-    def readlines(self, hint: int = -1) -> list[bytes]:
-        return []
-
-    def __iter__(self) -> Any:
-        return iter(())
