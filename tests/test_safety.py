@@ -108,6 +108,23 @@ def test_no_roots_means_no_paths(make_client, games: Path, caplog) -> None:
     assert read_zip(sources_only.get("/download/x").body) == {"a": b"fine"}
 
 
+def test_resolver_entry_names_are_made_safe_and_unique(make_client, caplog) -> None:
+    """A resolver's own entry names go through the same rules as a folder's (checked in batches
+    of plain names, the others one by one); a name with nothing left once made safe is a 500
+    that names it in the log only."""
+    given = [f"plain/{n:03d}.txt" for n in range(100)] + ["../../etc/passwd", "C:\\evil", "PLAIN/000.TXT"]
+    entries = [ZipEntry(name, source=name.encode()) for name in given]
+    client = make_client(lambda request, name: ZipTarget(entries))
+    names = read_zip(client.get("/download/x").body)
+    assert list(names)[100:] == ["etc/passwd", "evil", "PLAIN/000 (1).TXT"]
+    assert list(names)[:100] == given[:100] and names["etc/passwd"] == b"../../etc/passwd"
+    blank = make_client(lambda request, name: ZipTarget([*entries[:50], ZipEntry("../..", source=b"x")]))
+    with caplog.at_level(logging.ERROR, logger="zipmiddleware"):
+        answer = blank.get("/download/x", status=500)
+    assert b"../.." not in answer.body
+    assert "entry name '../..' is empty once made safe" in caplog.text
+
+
 def test_walk_skips_symlinks_leaving_the_roots(make_client, games: Path, tmp_path: Path, caplog) -> None:
     quake = games / "quake"
     (quake / "passwd").symlink_to("/etc/passwd")

@@ -195,6 +195,15 @@ class PlannedEntry:
     file: FileSnapshot | None = None
     source: Iterable[bytes] | RestartableSource | None = None
     size: int | None = None
+    # Whether the bytes are decided before any of them is read: a file, or a versioned source
+    # (see sources.py) of its own size. An archive of such entries has validators and ranges;
+    # one with any other source is written once, from start to end.
+    stable: bool = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        source = self.source
+        stable = source is None or (is_versioned(source) and self.size == source.size)
+        object.__setattr__(self, "stable", stable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -514,8 +523,8 @@ def _safe_folder(folder: str) -> str | None:
     return safe_arcname(folder) if _utf8(folder) else None
 
 
-def _safe_names(rels: list[str], folders: dict[str, str | None]) -> list[str]:
-    """``safe_arcname(rel) or "_"`` for each path: each folder made safe once (in ``folders``),
+def _safe_names(rels: list[str], folders: dict[str, str | None], blank: Callable[[str], str]) -> list[str]:
+    """``safe_arcname(rel) or blank(rel)`` for each path: each folder made safe once (in ``folders``),
     a plain file name kept, any other made safe within its folder's safe form (or with its whole
     path, if either is not UTF-8)."""
     split = [rel.rpartition("/") for rel in rels]
@@ -529,14 +538,19 @@ def _safe_names(rels: list[str], folders: dict[str, str | None]) -> list[str]:
         if safe is not None and (all_plain or plain_names([leaf])):
             names.append((rel if safe == folder else f"{safe}/{leaf}") if safe else leaf)  # "/a" too
         elif safe is not None and _utf8(leaf):
-            names.append(safe_arcname(leaf, within=safe) or "_")
-        else:  # a file found in a folder has a name: one that was only a drive ("C:") is "_"
-            names.append(safe_arcname(rel) or "_")
+            names.append(safe_arcname(leaf, within=safe) or blank(rel))
+        else:
+            names.append(safe_arcname(rel) or blank(rel))
     return names
 
 
-def arcnames(rels: Iterable[str]) -> list[str]:
-    """``NameTable().add(safe_arcname(rel) or "_")`` for each relative path in turn, computed faster.
+def _underscore(rel: str) -> str:
+    return "_"  # a file found in a folder has a name: one that was only a drive ("C:") is "_"
+
+
+def arcnames(rels: Iterable[str], blank: Callable[[str], str] = _underscore) -> list[str]:
+    """``NameTable().add(safe_arcname(rel) or blank(rel))`` for each path in turn, computed faster
+    (``blank`` may raise instead).
 
     Most names are plain (no rule changes them), and most folders have no clash (the same name
     ignoring case and normalization, a file named as a folder). So paths are checked
@@ -555,7 +569,7 @@ def arcnames(rels: Iterable[str]) -> list[str]:
         folder = chunk[0].rpartition("/")[0]
         # (in a folder known to change, no use checking the chunk whole)
         if folders.get(folder, folder) != folder or not plain_names(chunk):
-            chunk = _safe_names(chunk, folders)
+            chunk = _safe_names(chunk, folders, blank)
         names += chunk
         files.update(NameTable.keys(chunk))
     if len(files) == len(names):
@@ -689,13 +703,14 @@ class Planner:
     # -- explicit entries ------------------------------------------------------------
 
     def plan_entries(self, entries: Iterable[ZipEntry], roots: tuple[str, ...]) -> tuple[PlannedEntry, ...]:
-        names = NameTable()
+        entries = list(entries)
+
+        def blank(arcname: str) -> str:
+            raise RefusedError(500, SERVER_ERROR, f"entry name {arcname!r} is empty once made safe")
+
+        names = arcnames([entry.arcname for entry in entries], blank)
         planned = []
-        for entry in entries:
-            arcname = safe_arcname(entry.arcname)
-            if not arcname:
-                raise RefusedError(500, SERVER_ERROR, f"entry name {entry.arcname!r} is empty once made safe")
-            arcname = names.add(arcname)
+        for arcname, entry in zip(names, entries, strict=True):
             if entry.path is not None:
                 file = self.check_file(entry.path, roots)
                 mtime = file.mtime if entry.mtime is None else _timestamp(entry.mtime)

@@ -33,6 +33,7 @@ import itertools
 import logging
 import os
 from collections.abc import Callable, Hashable, Iterable, Iterator
+from typing import cast
 
 from . import compression
 from .checksums import ClientGoneError, ColdCrcWork, Present, RunningCrc, always_present, crc32_combine
@@ -43,7 +44,7 @@ from .events import DONE, FAILED, SKIPPED, Report
 from .fetching import EntryFailed, Fetcher, Policy, failure_reason
 from .names import NameTable
 from .planning import FileSnapshot, PlannedEntry, reopen
-from .sources import is_versioned
+from .sources import VersionedSource, is_versioned
 from .zerocopy import ZeroCopy, send_part
 from .zipformat import (
     DEFLATED,
@@ -481,19 +482,11 @@ class Layout:
         return end_records(len(self.entries), self.directory_offset, self.directory_size)
 
 
-def is_stable(entry: PlannedEntry) -> bool:
-    """Whether ``entry``'s bytes are decided before any of them is read: a file, or a versioned
-    source (see sources.py) of its own size. An archive of such entries has validators and
-    ranges; one with any other source is written once, from start to end."""
-    source = entry.source
-    return source is None or (is_versioned(source) and entry.size == source.size)
-
-
 def archive_validators(
     entries: tuple[PlannedEntry, ...], compression_level: int, zip64: bool, data_descriptors: bool = True
 ) -> tuple[str, float] | None:
     """A strong ETag and the newest mtime for an archive of stable entries (see
-    :func:`is_stable`); None if any entry is another source.
+    ``PlannedEntry.stable``); None if any entry is another source.
 
     The ETag covers everything that decides the bytes, and nothing else, so that every host
     with copies of the same files gives the same: each entry's name, date, mode and content
@@ -501,19 +494,19 @@ def archive_validators(
     settings that shape the archive, the compressor's name and version when deflating (its
     bytes are its own), and the format.
     """
-    if not entries or not all(is_stable(entry) for entry in entries):
+    if not entries or not all(entry.stable for entry in entries):
         return None
     digest = hashlib.sha256(repr((FORMAT, compression_level, zip64, data_descriptors)).encode())
     if compression_level:
         digest.update(compression.COMPRESSOR.encode())
     newest = 0.0
     for entry in entries:
-        file, source = entry.file, entry.source
+        file = entry.file
         if file is not None:
             content: tuple[object, ...] = (file.executable, file.size, file.mtime_ns)
             newest = max(newest, file.mtime)
         else:
-            assert is_versioned(source)
+            source = cast(VersionedSource, entry.source)  # stable: versioned
             content = (source.name, source.version, source.size)
             newest = max(newest, float(entry.mtime))
         digest.update(repr((entry.arcname, entry.mtime, content)).encode() + b"\0")
@@ -552,7 +545,7 @@ class ZipRange(Body):
         if not 0 <= start < stop <= layout.length:
             raise ValueError(f"range {start}-{stop} outside an archive of {layout.length} bytes")
         whole = (start, stop) == (0, layout.length)
-        if not whole and not all(is_stable(entry) for entry in layout.entries):
+        if not whole and not all(entry.stable for entry in layout.entries):
             raise ValueError("a range of an archive needs files and versioned sources only")
         self.layout = layout
         self.start = start
@@ -566,7 +559,7 @@ class ZipRange(Body):
         self.fetcher = fetcher or Fetcher(layout.entries, Policy())
         self.report = report or Report()
         # Versioned sources are read like files: a part, CRC-32s cached (sources: whole, once).
-        self._versioned = {i for i, e in enumerate(layout.entries) if e.source is not None and is_stable(e)}
+        self._versioned = {i for i, e in enumerate(layout.entries) if e.source is not None and e.stable}
         if not whole:  # only the parts of the sources the range sends are fetched
             spans = {index: self._read_span(index) for index in self._versioned}
             self.fetcher.limit_to({index: span for index, span in spans.items() if span is not None})
