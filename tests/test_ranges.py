@@ -477,6 +477,24 @@ def test_cache_round_trip_and_big_keys(tmp_path: Path) -> None:
     assert rows == [(*small, 0xDEADBEEF), (*big, 7)]
 
 
+def test_a_name_keeps_rows_of_one_version_in_sqlite(tmp_path: Path) -> None:
+    """The SQLite store keeps one version of a name (the last written), so rewriting files
+    does not grow it; the first version's rows, whole CRC-32 and checkpoints, are gone."""
+    cache = SQLiteCrcCache(tmp_path / "c.sqlite")
+    versions = [Key("games/doom/doom.wad", 40 << 20, str(1_700_000_000_000_000_000 + n)) for n in range(50)]
+    other = Key("games/doom/readme.txt", 3, "1")
+    cache.put_many({other: 9})
+    for n, key in enumerate(versions):
+        cache.put_checkpoints(key, [(16 << 20, n)])
+        cache.put_many({key: n})
+    cache.put_checkpoints(versions[0], [(16 << 20, 100)])  # a host with the first version again
+    assert cache.get_many([*versions, other]) == {other: 9}
+    assert cache.get_checkpoints(versions) == {versions[0]: [(16 << 20, 100)]}
+    with sqlite3.connect(tmp_path / "c.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM file_crc").fetchone() == (1,)
+        assert db.execute("SELECT name, size, version FROM prefix_crc").fetchall() == [tuple(versions[0])]
+
+
 def test_bad_cache_settings_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="crc_cache"):
         ZipMiddleware(plain_app, crc_cache=str(tmp_path / "missing-folder" / "c.sqlite"))

@@ -18,6 +18,11 @@ row damaged on disk reads as missing, and every time a response reads a whole
 file anyway the value is compared with the data: a mismatch is logged and
 corrected.
 
+What keeps a store from growing without bound: a name has rows for one version at a time, the
+one last written, so a file rewritten (or an object replaced) leaves no rows behind for content
+it no longer has. (Two roots whose folders have the same name and hold different files at the
+same relative path would take each other's rows: slower ranges, never wrong ones.)
+
 What never happens: a cache problem failing a download. A store that cannot be
 read or written is logged once and replaced by memory for the rest of the process.
 """
@@ -227,12 +232,13 @@ class SQLiteCrcCache:
         if not items:
             return
         rows = [(*key, crc, guard(key, key.size, crc)) for key, crc in items.items()]
+        names = [(key.name,) for key in items]
         done = self._write(
+            # One version of a name is kept (see the module docstring), and the whole file's CRC-32 makes
+            # its checkpoints useless.
+            ("DELETE FROM file_crc WHERE name = ?", names),
+            ("DELETE FROM prefix_crc WHERE name = ?", names),
             ("INSERT OR REPLACE INTO file_crc VALUES (?, ?, ?, ?, ?)", rows),
-            (  # the whole file's CRC-32 makes its checkpoints useless
-                "DELETE FROM prefix_crc WHERE name = ? AND size = ? AND version = ?",
-                [row[:3] for row in rows],
-            ),
         )
         if not done:
             self._memory().put_many(items)
@@ -252,7 +258,12 @@ class SQLiteCrcCache:
         if not points:
             return
         rows = [(*key, offset, crc, guard(key, offset, crc)) for offset, crc in points]
-        if not self._write(("INSERT OR REPLACE INTO prefix_crc VALUES (?, ?, ?, ?, ?, ?)", rows)):
+        others = "DELETE FROM {} WHERE name = ? AND NOT (size = ? AND version = ?)"  # one version per name
+        if not self._write(
+            (others.format("file_crc"), [tuple(key)]),
+            (others.format("prefix_crc"), [tuple(key)]),
+            ("INSERT OR REPLACE INTO prefix_crc VALUES (?, ?, ?, ?, ?, ?)", rows),
+        ):
             self._memory().put_checkpoints(key, points)
 
     def check_writable(self) -> None:
