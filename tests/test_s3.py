@@ -922,3 +922,31 @@ def test_a_change_during_a_download_under_gunicorn_aborts_it(moto_endpoint: str)
         assert ended in ("eof", "reset")
         assert len(head.body) + len(rest) < head.length  # cut short: the client knows it failed
         assert wait_for(lambda: "changed at its origin" in server.log(), 5), server.log()
+
+
+@pytest.mark.server
+def test_a_store_that_goes_down_mid_download_aborts_it_and_later_requests_get_a_503(
+    moto_endpoint: str,
+) -> None:
+    files = {"games/pair/a.bin": random_bytes(34, 12 * MIB), "games/pair/b.bin": random_bytes(35, MIB)}
+    bucket = make_bucket(moto_endpoint, files)
+    with (
+        FaultProxy(moto_endpoint) as proxy,
+        s3_server(proxy.url, bucket, prefetch=0, retries=2, retry_backoff=0.1) as server,
+    ):
+        sock = connect(server.host, server.port, receive_buffer=64 * 1024)
+        with sock:
+            send_get(sock, "/s3/pair")
+            head = read_head(sock)
+            assert head.status == 200
+            time.sleep(0.5)  # the worker is held inside a.bin by the slow reader
+            proxy.stop()  # the store's address now refuses every connection
+            rest, ended = read_to_end(sock, timeout=30)
+        assert ended in ("eof", "reset")
+        assert len(head.body) + len(rest) < head.length  # cut short: the client knows it failed
+        assert wait_for(lambda: "a.bin': the connection to its origin failed" in server.log(), 5), (
+            server.log()
+        )
+        time.sleep(2.5)  # past the reuse of the folder's listing
+        result = curl("-o", "/dev/null", "-w", "%{http_code}", server.url + "/s3/pair")
+        assert result.stdout == b"503", result
