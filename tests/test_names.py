@@ -196,6 +196,7 @@ PIECES = [
     "con\u0131n$", "com0", "com10", "CON_", "aux ",
     ".", "..", "...", " ", " sp ", ".x", "x.", "x. .", "\t", "\n", "\x00", "\x7f", "\x85",
     "C:", "c:x", ":", "<", ">", '"', "|", "?", "*", "\\", "x\\y",
+    "\u202e", "\u200b", "\u200d", "\ufeff", "\ufffe", "\U000e0041", "\x9b",
     "\udce9", "\udcff", "\udcc3\udca9",
 ]  # fmt: skip
 COMPONENT = st.lists(st.sampled_from(PIECES), min_size=1, max_size=3).map("".join) | st.text(max_size=6)
@@ -223,6 +224,7 @@ def test_every_safe_name_follows_every_rule(name: str) -> None:
     safe = safe_arcname(name)
     assert unicodedata.is_normalized("NFC", safe)
     assert not any(ord(c) < 0x20 or c in '<>:"|?*\\\x7f' for c in safe)
+    assert not any(unicodedata.category(c) in ("Cc", "Cf") or ord(c) & 0xFFFE == 0xFFFE for c in safe)
     if safe:
         for part in _components(safe):
             assert part not in ("", ".", "..")

@@ -29,6 +29,14 @@ from .conftest import read_zip
         ("  spaced  /x", "spaced/x"),
         ("日本語/ゲーム.iso", "日本語/ゲーム.iso"),
         ("..", ""),
+        # Invisible characters: a bidi override that would show this as "photoexe.jpg", C1
+        # controls, zero-width ones (HFS+ ignores them), a BOM, non-characters. Spaces stay.
+        ("photo\u202egpj.exe", "photo_gpj.exe"),
+        ("next\x85line\x9b.txt", "next_line_.txt"),
+        ("zero\u200bwidth\u200d\ufeff.txt", "zero_width__.txt"),
+        ("no\ufffechar\ufdd0\U0010ffff", "no_char__"),
+        ("\u202e/x", "_/x"),
+        ("ideographic\u3000space\u00a0nbsp.txt", "ideographic\u3000space\u00a0nbsp.txt"),
     ],
 )
 def test_safe_arcname(given: str, safe: str) -> None:
@@ -71,6 +79,11 @@ def test_content_disposition_cannot_inject_headers() -> None:
     value = content_disposition('evil"\r\nSet-Cookie: x=1.zip')
     assert "\r" not in value and "\n" not in value
     assert value.startswith('attachment; filename="evil\\"Set-Cookie: x=1.zip"')
+
+
+def test_content_disposition_drops_invisible_characters() -> None:
+    value = content_disposition("photos\u202epiz.exe\u200b\x85")
+    assert value == "attachment; filename=photospiz.exe; filename*=UTF-8''photospiz.exe"
 
 
 def test_given_paths_outside_roots_are_404(make_client, games: Path, tmp_path: Path) -> None:
@@ -187,6 +200,9 @@ def test_walk_gives_names_windows_and_macos_can_create(make_client, games: Path)
         "cafe\u0301.txt",
         "Pok\u00e9mon./save.dat",
         "...",
+        "photo\u202egpj.exe",
+        "zero\u200bwidth.txt",
+        "zero_width.txt",
     ]:
         (folder / rel).write_bytes(rel.encode())
     client = make_client(lambda request, name: ZipTarget.from_directory(games / name))
@@ -206,6 +222,9 @@ def test_walk_gives_names_windows_and_macos_can_create(make_client, games: Path)
         "nul_.tar.gz": "nul.tar.gz",
         "what_.txt": "what?.txt",
         "what_ (1).txt": "what_.txt",
+        "photo_gpj.exe": "photo\u202egpj.exe",
+        "zero_width.txt": "zero_width.txt",
+        "zero_width (1).txt": "zero\u200bwidth.txt",
     }
 
 

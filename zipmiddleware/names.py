@@ -11,6 +11,11 @@ same file are renamed, never merged:
   components, a leading drive letter, and control characters (NUL included)
   are removed or replaced, so no entry can land outside the folder it is
   extracted into ("zip slip").
+* Invisible characters become ``_``: control characters (C0 and C1), format characters
+  (Unicode category Cf: bidi overrides such as U+202E, zero-width spaces and joiners, the BOM)
+  and non-characters (U+FFFE, U+FDD0...). A bidi override makes ``photo\\u202egpj.exe`` show as
+  ``photoexe.jpg``; HFS+ ignores format characters, so two names differing by one are one file
+  there. The same set as Chromium's downloads (``base/i18n/file_util_icu.cc``).
 * Names are Unicode NFC. Names from macOS often arrive decomposed (HFS+ stores a variant of
   NFD, and APFS keeps whatever form it was given, comparing names regardless of it), so the
   same name can reach us in either form: ``é`` decomposed comes out as ``é`` composed, and the
@@ -46,7 +51,6 @@ from urllib.parse import quote
 
 from werkzeug.http import dump_options_header
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _WINDOWS_FORBIDDEN = '<>:"|?*'  # in a name; "/" and "\\" separate names
 _FORBIDDEN = re.compile(f"[{re.escape(_WINDOWS_FORBIDDEN)}]")
@@ -82,6 +86,21 @@ def display_name(name: str) -> str:
     return name
 
 
+def _invisible(char: str) -> bool:
+    """Whether ``char`` is a control or format character, or a non-character (see the module
+    docstring)."""
+    code = ord(char)
+    return unicodedata.category(char) in ("Cc", "Cf") or code & 0xFFFE == 0xFFFE or 0xFDD0 <= code <= 0xFDEF
+
+
+def visible(name: str, replacement: str = "_") -> str:
+    """``name`` with each invisible character replaced (see the module docstring). Printable
+    names hold none: only the others are looked at a character at a time."""
+    if name.isprintable():
+        return name
+    return "".join(replacement if _invisible(char) else char for char in name)
+
+
 def _trim_end(part: str) -> str:
     """``part`` less the dots and white space it ends with."""
     end = len(part)
@@ -101,7 +120,7 @@ def safe_arcname(name: str, within: str = "") -> str:
     """
     name = unicodedata.normalize("NFC", display_name(name)).replace("\\", "/")
     parts: list[str] = [within] if within else []  # (a drive letter only leads)
-    for part in _CONTROL.sub("_", name).split("/"):
+    for part in visible(name).split("/"):
         part = part.strip()
         if not parts:
             part = _DRIVE.sub("", part).lstrip()
@@ -229,7 +248,7 @@ def content_disposition(filename: str) -> str:
     the ASCII fallback, made by dropping accents (NFKD) and anything else
     outside printable ASCII.
     """
-    filename = _CONTROL.sub("", display_name(filename)).strip() or "download"
+    filename = visible(display_name(filename), "").strip() or "download"
     stem, ext = os.path.splitext(filename)
     ascii_stem, ascii_ext = (
         unicodedata.normalize("NFKD", part).encode("ascii", "ignore").decode("ascii") for part in (stem, ext)
