@@ -485,7 +485,11 @@ def test_flask_door_reads_only_its_prefix() -> None:
         ),
         (
             {"/f/<path:p>": {"resolver": "directory", "rot": "/"}},
-            "^routes\\['/f/<path:p>'\\].rot: directory takes no such parameter \\(root, argument\\)",
+            "^routes\\['/f/<path:p>'\\].rot: directory takes no such parameter \\(did you mean 'root'\\? root, argument\\)",
+        ),
+        (
+            {"/f/<path:p>": {"resolver": "Directroy", "root": "/"}},
+            "^routes\\['/f/<path:p>'\\].resolver: 'Directroy' is neither a built-in .* \\(did you mean 'directory'\\?\\)",
         ),
         (
             {"/f/<path:p>": {"resolver": "directory"}},

@@ -175,7 +175,7 @@ def test_a_directory_table_from_a_toml_file(library: Path, tmp_path: Path) -> No
         (RULE, {"root": "{tmp}/library/top.txt"}, KEY + ".root: '{tmp}/library/top.txt' is not an existing directory"),
         (RULE, {"root": 42}, KEY + ".root: expected a folder path, got 42"),
         (RULE, {"root": ""}, KEY + ".root: expected a folder path, got ''"),
-        (RULE, {"rot": "{tmp}/library"}, KEY + ".rot: directory takes no such parameter (root, argument)"),
+        (RULE, {"rot": "{tmp}/library"}, KEY + ".rot: directory takes no such parameter (did you mean 'root'? root, argument)"),
         (RULE, {}, KEY + ": directory takes root, argument: missing a required argument: 'root'"),
         (RULE, {"root": "{tmp}/library", "argument": "name"}, KEY + ".argument: the rule has no argument 'name'"),
         (RULE, {"root": "{tmp}/library", "argument": 3}, KEY + ".argument: expected the name of a route argument, got 3"),
@@ -705,7 +705,10 @@ SQL_KEY = "routes['/requests/<int:id>']"
             SQL_KEY + ".query: binds ident, owner, which the request does not give",
         ),
         ({"root": "/no/such/folder"}, SQL_KEY + ".root: '/no/such/folder' is not an existing directory"),
-        ({"uri": "sqlite://"}, SQL_KEY + ".uri: sql takes no such parameter (url, query, root)"),
+        (
+            {"uri": "sqlite://"},
+            SQL_KEY + ".uri: sql takes no such parameter (did you mean 'url'? url, query, root)",
+        ),
     ],
     ids=lambda value: str(value)[:40],
 )

@@ -320,9 +320,11 @@ def _route_table(key: str, table: Mapping[str, Any]) -> Any:
         try:
             factory = import_string(name)
         except ImportStringError as exc:
+            close = difflib.get_close_matches(name.lower(), BUILT_IN, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
                 f"{key}.resolver",
-                f"{name!r} is neither {built_in} nor importable: {exc.exception}",
+                f"{name!r} is neither {built_in} nor importable{hint}: {exc.exception}",
             ) from None
     try:
         signature = inspect.signature(factory)
@@ -333,7 +335,9 @@ def _route_table(key: str, table: Mapping[str, Any]) -> Any:
         if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
             for parameter in parameters:
                 if parameter not in signature.parameters:
-                    raise ConfigError(f"{key}.{parameter}", f"{name} takes no such parameter ({takes})")
+                    close = difflib.get_close_matches(parameter, signature.parameters, n=1)
+                    hint = f"did you mean {close[0]!r}? " if close else ""
+                    raise ConfigError(f"{key}.{parameter}", f"{name} takes no such parameter ({hint}{takes})")
         try:
             signature.bind(**parameters)
         except TypeError as exc:
