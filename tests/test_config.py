@@ -488,6 +488,10 @@ def test_flask_door_reads_only_its_prefix() -> None:
             "^routes\\['/f/<path:p>'\\].rot: directory takes no such parameter \\(did you mean 'root'\\? root, argument\\)",
         ),
         (
+            {"/f/<path:p>": {"resolver": "directory", "root": "/", 1: "x"}},
+            "^routes\\['/f/<path:p>'\\].1: directory takes no such parameter \\(root, argument\\)",
+        ),
+        (
             {"/f/<path:p>": {"resolver": "Directroy", "root": "/"}},
             "^routes\\['/f/<path:p>'\\].resolver: 'Directroy' is neither a built-in .* \\(did you mean 'directory'\\?\\)",
         ),

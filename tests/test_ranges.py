@@ -20,7 +20,7 @@ from werkzeug.test import Client, EnvironBuilder, TestResponse
 
 from zipmiddleware import ConfigError, FileTarget, ZipEntry, ZipMiddleware, ZipTarget
 from zipmiddleware.config import Settings
-from zipmiddleware.crccache import Key, SQLiteCrcCache
+from zipmiddleware.crccache import VERSIONS_KEPT, Key, SQLiteCrcCache
 from zipmiddleware.errors import StreamError
 from zipmiddleware.planning import PlannedEntry, Planner, zip_second
 from zipmiddleware.zipengine import Layout, ZipRange, ZipStream, crc32_combine, merged
@@ -477,9 +477,10 @@ def test_cache_round_trip_and_big_keys(tmp_path: Path) -> None:
     assert rows == [(*small, 0xDEADBEEF), (*big, 7)]
 
 
-def test_a_name_keeps_rows_of_one_version_in_sqlite(tmp_path: Path) -> None:
-    """The SQLite store keeps one version of a name (the last written), so rewriting files
-    does not grow it; the first version's rows, whole CRC-32 and checkpoints, are gone."""
+def test_a_name_keeps_rows_of_its_last_versions_only(tmp_path: Path) -> None:
+    """Rewriting a file over and over does not grow the SQLite store: a name keeps the rows of
+    the VERSIONS_KEPT versions written last (CRC-32s and checkpoints alike), so a few versions
+    in use at once (copies with other mtimes) stay warm, and other names keep theirs."""
     cache = SQLiteCrcCache(tmp_path / "c.sqlite")
     versions = [Key("games/doom/doom.wad", 40 << 20, str(1_700_000_000_000_000_000 + n)) for n in range(50)]
     other = Key("games/doom/readme.txt", 3, "1")
@@ -487,12 +488,28 @@ def test_a_name_keeps_rows_of_one_version_in_sqlite(tmp_path: Path) -> None:
     for n, key in enumerate(versions):
         cache.put_checkpoints(key, [(16 << 20, n)])
         cache.put_many({key: n})
-    cache.put_checkpoints(versions[0], [(16 << 20, 100)])  # a host with the first version again
-    assert cache.get_many([*versions, other]) == {other: 9}
-    assert cache.get_checkpoints(versions) == {versions[0]: [(16 << 20, 100)]}
+    kept = versions[-VERSIONS_KEPT:]
+    assert cache.get_many([*versions, other]) == {**{key: int(key.version[-2:]) for key in kept}, other: 9}
+    for n, key in enumerate(versions):  # cut downloads only: checkpoints of each version
+        cache.put_checkpoints(key, [(16 << 20, 100 + n), (32 << 20, 200 + n)])
+    assert cache.get_checkpoints(versions) == {
+        key: [(16 << 20, 100 + n), (32 << 20, 200 + n)] for n, key in enumerate(versions) if key in kept
+    }
+    # Two copies whose mtimes differ, used in turns, both stay known.
+    a, b = versions[0], versions[1]
+    for _ in range(10):
+        cache.put_many({a: 1})
+        cache.put_many({b: 2})
+        assert cache.get_many([a, b]) == {a: 1, b: 2}
+    # A write of more versions than are kept at once keeps them all (never rows of the same write).
+    sizes = {Key("games/sizes.bin", size, "1"): size for size in range(2 * VERSIONS_KEPT)}
+    cache.put_many(sizes)
+    assert cache.get_many(sizes) == sizes
     with sqlite3.connect(tmp_path / "c.sqlite") as db:
-        assert db.execute("SELECT count(*) FROM file_crc").fetchone() == (1,)
-        assert db.execute("SELECT name, size, version FROM prefix_crc").fetchall() == [tuple(versions[0])]
+        counts = dict(db.execute("SELECT name, count(*) FROM file_crc GROUP BY name"))
+        versions_with_checkpoints = db.execute("SELECT count(DISTINCT version) FROM prefix_crc").fetchone()[0]
+    assert counts == {"games/doom/doom.wad": VERSIONS_KEPT, "games/doom/readme.txt": 1, "games/sizes.bin": 8}
+    assert versions_with_checkpoints <= VERSIONS_KEPT
 
 
 def test_bad_cache_settings_name_the_key(tmp_path: Path) -> None:

@@ -78,12 +78,17 @@ def test_non_utf8_disk_names_are_decoded_as_cp1252() -> None:
 def test_content_disposition_cannot_inject_headers() -> None:
     value = content_disposition('evil"\r\nSet-Cookie: x=1.zip')
     assert "\r" not in value and "\n" not in value
-    assert value.startswith('attachment; filename="evil\\"Set-Cookie: x=1.zip"')
+    assert value.startswith('attachment; filename="evil\\"__Set-Cookie: x=1.zip"')
 
 
-def test_content_disposition_drops_invisible_characters() -> None:
+def test_content_disposition_replaces_invisible_characters() -> None:
     value = content_disposition("photos\u202epiz.exe\u200b\x85")
-    assert value == "attachment; filename=photospiz.exe; filename*=UTF-8''photospiz.exe"
+    assert value == "attachment; filename=photos_piz.exe__; filename*=UTF-8''photos_piz.exe__"
+    # Nothing left but an extension: no hidden file ".zip".
+    assert content_disposition("\u202e.zip") == "attachment; filename=download.zip; filename*=UTF-8''_.zip"
+    # A surrogate no file name holds (a resolver's own string) is no error.
+    assert content_disposition("\ud800x.zip") == "attachment; filename=\"?x.zip\"; filename*=UTF-8''%3Fx.zip"
+    assert safe_arcname("\ud800x/y") == "_x/y"
 
 
 def test_given_paths_outside_roots_are_404(make_client, games: Path, tmp_path: Path) -> None:

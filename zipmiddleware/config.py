@@ -335,7 +335,7 @@ def _route_table(key: str, table: Mapping[str, Any]) -> Any:
         if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
             for parameter in parameters:
                 if parameter not in signature.parameters:
-                    close = difflib.get_close_matches(parameter, signature.parameters, n=1)
+                    close = difflib.get_close_matches(str(parameter), signature.parameters, n=1)
                     hint = f"did you mean {close[0]!r}? " if close else ""
                     raise ConfigError(f"{key}.{parameter}", f"{name} takes no such parameter ({hint}{takes})")
         try:

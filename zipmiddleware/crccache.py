@@ -18,10 +18,11 @@ row damaged on disk reads as missing, and every time a response reads a whole
 file anyway the value is compared with the data: a mismatch is logged and
 corrected.
 
-What keeps a store from growing without bound: a name has rows for one version at a time, the
-one last written, so a file rewritten (or an object replaced) leaves no rows behind for content
-it no longer has. (Two roots whose folders have the same name and hold different files at the
-same relative path would take each other's rows: slower ranges, never wrong ones.)
+What keeps an SQLite store from growing with every rewrite of the same files: a name keeps
+rows for its :data:`VERSIONS_KEPT` versions written last, so a file rewritten (or an object
+replaced) leaves at most that many behind. A few rather than one, since versions of a name
+can be in use at once: two copies of a file whose mtimes differ, two roots whose folders have
+the same name.
 
 What never happens: a cache problem failing a download. A store that cannot be
 read or written is logged once and replaced by memory for the rest of the process.
@@ -72,7 +73,20 @@ MEMORY_ENTRIES = 1_000_000
 RECHECK_SECONDS = 5.0
 MEMORY = ":memory:"
 # The tables' format (SQLite's user_version): a file of another one is set up anew.
-SCHEMA = 3
+SCHEMA = 4
+# How many versions of a name an SQLite store keeps (those written last): see the module doc.
+VERSIONS_KEPT = 4
+# Keeping them: once a write (at ?3) has made a name's versions too many, the rows of those
+# written before the last ?2 go (never rows of this very write).
+_PRUNE_FILES = (
+    "DELETE FROM file_crc WHERE name = ?1 AND written < ?3 AND (size, version) NOT IN"
+    " (SELECT size, version FROM file_crc WHERE name = ?1 ORDER BY written DESC LIMIT ?2)"
+)
+_PRUNE_PREFIXES = (
+    "DELETE FROM prefix_crc WHERE name = ?1 AND written < ?3 AND (size, version) NOT IN"
+    " (SELECT size, version FROM prefix_crc WHERE name = ?1 GROUP BY size, version"
+    " ORDER BY max(written) DESC LIMIT ?2)"
+)
 
 
 @runtime_checkable
@@ -231,14 +245,15 @@ class SQLiteCrcCache:
     def put_many(self, items: Mapping[Key, int]) -> None:
         if not items:
             return
-        rows = [(*key, crc, guard(key, key.size, crc)) for key, crc in items.items()]
-        names = [(key.name,) for key in items]
+        now = time.time_ns()
+        rows = [(*key, crc, guard(key, key.size, crc), now) for key, crc in items.items()]
         done = self._write(
-            # One version of a name is kept (see the module docstring), and the whole file's CRC-32 makes
-            # its checkpoints useless.
-            ("DELETE FROM file_crc WHERE name = ?", names),
-            ("DELETE FROM prefix_crc WHERE name = ?", names),
-            ("INSERT OR REPLACE INTO file_crc VALUES (?, ?, ?, ?, ?)", rows),
+            ("INSERT OR REPLACE INTO file_crc VALUES (?, ?, ?, ?, ?, ?)", rows),
+            (  # the whole file's CRC-32 makes its checkpoints useless
+                "DELETE FROM prefix_crc WHERE name = ? AND size = ? AND version = ?",
+                [row[:3] for row in rows],
+            ),
+            (_PRUNE_FILES, [(name, VERSIONS_KEPT, now) for name in {key.name for key in items}]),
         )
         if not done:
             self._memory().put_many(items)
@@ -257,12 +272,11 @@ class SQLiteCrcCache:
         points = list(checkpoints)
         if not points:
             return
-        rows = [(*key, offset, crc, guard(key, offset, crc)) for offset, crc in points]
-        others = "DELETE FROM {} WHERE name = ? AND NOT (size = ? AND version = ?)"  # one version per name
+        now = time.time_ns()
+        rows = [(*key, offset, crc, guard(key, offset, crc), now) for offset, crc in points]
         if not self._write(
-            (others.format("file_crc"), [tuple(key)]),
-            (others.format("prefix_crc"), [tuple(key)]),
-            ("INSERT OR REPLACE INTO prefix_crc VALUES (?, ?, ?, ?, ?, ?)", rows),
+            ("INSERT OR REPLACE INTO prefix_crc VALUES (?, ?, ?, ?, ?, ?, ?)", rows),
+            (_PRUNE_PREFIXES, [(key.name, VERSIONS_KEPT, now)]),
         ):
             self._memory().put_checkpoints(key, points)
 
@@ -275,7 +289,7 @@ class SQLiteCrcCache:
         try:
             with connection:
                 connection.execute("BEGIN IMMEDIATE")
-                connection.execute("INSERT OR REPLACE INTO file_crc VALUES ('', -1, '', 0, 0)")
+                connection.execute("INSERT OR REPLACE INTO file_crc VALUES ('', -1, '', 0, 0, 0)")
                 connection.execute("DELETE FROM file_crc WHERE size = -1")
         finally:
             connection.close()
@@ -435,12 +449,12 @@ def _create_tables(connection: sqlite3.Connection) -> None:
     for old in ("crc32", "file_crc", "prefix_crc"):
         connection.execute(f"DROP TABLE IF EXISTS {old}")
     connection.execute(
-        "CREATE TABLE file_crc (name TEXT, size INTEGER, version TEXT,"
-        " crc INTEGER NOT NULL, guard INTEGER NOT NULL, PRIMARY KEY (name, size, version)) WITHOUT ROWID"
+        "CREATE TABLE file_crc (name TEXT, size INTEGER, version TEXT, crc INTEGER NOT NULL,"
+        " guard INTEGER NOT NULL, written INTEGER NOT NULL, PRIMARY KEY (name, size, version)) WITHOUT ROWID"
     )
     connection.execute(
-        "CREATE TABLE prefix_crc (name TEXT, size INTEGER, version TEXT,"
-        " offset INTEGER, crc INTEGER NOT NULL, guard INTEGER NOT NULL,"
+        "CREATE TABLE prefix_crc (name TEXT, size INTEGER, version TEXT, offset INTEGER,"
+        " crc INTEGER NOT NULL, guard INTEGER NOT NULL, written INTEGER NOT NULL,"
         " PRIMARY KEY (name, size, version, offset)) WITHOUT ROWID"
     )
     connection.execute(f"PRAGMA user_version = {SCHEMA}")

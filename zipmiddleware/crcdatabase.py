@@ -162,11 +162,9 @@ class DatabaseCrcCache:
         rows = [_row(key, crc) for key, crc in sorted(stored.items())]  # one lock order for all hosts
 
         def write(connection: Connection) -> bool:
-            # One version of a name is kept (see crccache), and the whole file's CRC-32 makes
-            # its checkpoints useless.
-            self._delete_names(connection, self._files, rows)
-            self._delete_names(connection, self._prefixes, rows)
             self._upsert(connection, self._files, rows)
+            # The whole file's CRC-32 makes its checkpoints useless.
+            self._delete_checkpoints(connection, rows)
             return True
 
         done = self._run(process, write) if rows else None
@@ -201,8 +199,6 @@ class DatabaseCrcCache:
             rows = [_row(key, crc, offset) for offset, crc in sorted(points.items())]
 
             def write(connection: Connection) -> bool:
-                for table in (self._files, self._prefixes):  # one version of a name is kept
-                    self._delete_other_versions(connection, table, rows[0])
                 self._upsert(connection, self._prefixes, rows)
                 return True
 
@@ -298,13 +294,17 @@ class DatabaseCrcCache:
 
     def _create_tables(self, engine: Engine) -> None:
         """The tables if they are missing. Another process creating them at the same moment
-        makes one of the two fail (PostgreSQL: a duplicate table or type): a second look then
-        finds them."""
+        makes one of the two fail (PostgreSQL: a duplicate table or type; SQLite: a table that
+        already exists): a second look then finds them."""
         import sqlalchemy
 
         try:
             self._metadata.create_all(engine, checkfirst=True)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            self._metadata.create_all(engine, checkfirst=True)
+        except sqlalchemy.exc.OperationalError as exc:  # (also what a database that is down gives)
+            if "already exists" not in str(exc.orig):
+                raise
             self._metadata.create_all(engine, checkfirst=True)
 
     # -- the statements ------------------------------------------------------------------
@@ -426,28 +426,23 @@ class DatabaseCrcCache:
             self._statements[("upsert", table.name, 0)] = statement
         return statement
 
-    def _delete_names(self, connection: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-        """Delete every row of ``table`` with the name of one of ``rows``."""
+    def _delete_checkpoints(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
+        """Delete every checkpoint of the files of ``rows``."""
         if self.backend != "postgresql":
-            self._delete(connection, table, rows, ("name",))
+            self._delete(connection, self._prefixes, rows, KEY_COLUMNS)
             return
-        statement = self._statements.get(("delete", table.name, 0))
+        statement = self._statements.get(("delete", PREFIX_TABLE, 0))
         if statement is None:
             import sqlalchemy
 
-            statement = self._statements["delete", table.name, 0] = sqlalchemy.text(
-                f"DELETE FROM {self._quote(table.name)} USING unnest(CAST(:name AS TEXT[])) AS gone (n)"
-                " WHERE name = n"
+            statement = self._statements["delete", PREFIX_TABLE, 0] = sqlalchemy.text(
+                f"DELETE FROM {self._quote(PREFIX_TABLE)} USING unnest(CAST(:name AS TEXT[]),"
+                " CAST(:size AS BIGINT[]), CAST(:version AS TEXT[])) AS gone (n, s, v)"
+                " WHERE name = n AND size = s AND version = v"
             )
         for start in range(0, len(rows), BATCH):
-            connection.execute(statement, {"name": [row["name"] for row in rows[start : start + BATCH]]})
-
-    def _delete_other_versions(self, connection: Connection, table: Table, row: dict[str, Any]) -> None:
-        """Delete the rows of ``table`` with ``row``'s name and another size or version."""
-        import sqlalchemy
-
-        same = sqlalchemy.and_(table.c.size == row["size"], table.c.version == row["version"])
-        connection.execute(sqlalchemy.delete(table).where(table.c.name == row["name"], sqlalchemy.not_(same)))
+            keys = [(row["name"], row["size"], row["version"]) for row in rows[start : start + BATCH]]
+            connection.execute(statement, _arrays(keys, KEY_COLUMNS))
 
     def _delete(
         self, connection: Connection, table: Table, rows: list[dict[str, Any]], columns: Iterable[str]

@@ -78,7 +78,10 @@ def display_name(name: str) -> str:
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates: os.fsdecode's escape of invalid bytes
-        raw = os.fsencode(name)
+        try:
+            raw = os.fsencode(name)
+        except UnicodeEncodeError:  # a surrogate no file name has (not from os.fsdecode)
+            return name.encode("utf-8", "replace").decode("utf-8")
         try:
             name = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -93,12 +96,12 @@ def _invisible(char: str) -> bool:
     return unicodedata.category(char) in ("Cc", "Cf") or code & 0xFFFE == 0xFFFE or 0xFDD0 <= code <= 0xFDEF
 
 
-def visible(name: str, replacement: str = "_") -> str:
-    """``name`` with each invisible character replaced (see the module docstring). Printable
-    names hold none: only the others are looked at a character at a time."""
+def visible(name: str) -> str:
+    """``name`` with each invisible character replaced by ``_`` (see the module docstring).
+    Printable names hold none: only the others are looked at a character at a time."""
     if name.isprintable():
         return name
-    return "".join(replacement if _invisible(char) else char for char in name)
+    return "".join("_" if _invisible(char) else char for char in name)
 
 
 def _trim_end(part: str) -> str:
@@ -248,7 +251,7 @@ def content_disposition(filename: str) -> str:
     the ASCII fallback, made by dropping accents (NFKD) and anything else
     outside printable ASCII.
     """
-    filename = visible(display_name(filename), "").strip() or "download"
+    filename = visible(display_name(filename)).strip() or "download"
     stem, ext = os.path.splitext(filename)
     ascii_stem, ascii_ext = (
         unicodedata.normalize("NFKD", part).encode("ascii", "ignore").decode("ascii") for part in (stem, ext)
