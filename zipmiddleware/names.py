@@ -39,7 +39,8 @@ same file are renamed, never merged:
   ``a``, ``CON`` and ``CON_``), is renamed ``name (1).ext``, ``name (2).ext`` ...
 
 Every rule depends on the name alone, so a folder gives the same entry names on every request and
-every host.
+every host running the same Python minor version (its Unicode tables decide NFC, case folding and
+which characters are format characters; a character a newer version assigns can name differently).
 """
 
 from __future__ import annotations
