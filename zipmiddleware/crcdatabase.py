@@ -64,6 +64,9 @@ RETRIES = 2
 # of two with a key no row has (size -1), so that there are few statements to compile.
 BATCH = 500
 SMALL_BATCH = 256
+# Rows per write transaction: a download that learnt very many CRC-32s at once (a one-pass
+# archive of 100,000 files) writes them in parts, each within DEADLINE_SECONDS.
+WRITE_ROWS = 10_000
 NO_KEY = ("", -1, "")
 # BIGINT's bound: a size or an offset past it (none is) is kept in memory.
 BIGINT = 1 << 63
@@ -161,13 +164,17 @@ class DatabaseCrcCache:
         stored = {key: crc for key, crc in items.items() if self._storable(key)}
         rows = [_row(key, crc) for key, crc in sorted(stored.items())]  # one lock order for all hosts
 
-        def write(connection: Connection) -> bool:
-            self._upsert(connection, self._files, rows)
-            # The whole file's CRC-32 makes its checkpoints useless.
-            self._delete_checkpoints(connection, rows)
-            return True
+        def write(part: list[dict[str, Any]]) -> Callable[[Connection], bool]:
+            def run(connection: Connection) -> bool:
+                self._upsert(connection, self._files, part)
+                # The whole file's CRC-32 makes its checkpoints useless.
+                self._delete_checkpoints(connection, part)
+                return True
 
-        done = self._run(process, write) if rows else None
+            return run
+
+        parts = [rows[start : start + WRITE_ROWS] for start in range(0, len(rows), WRITE_ROWS)]
+        done = bool(rows) and all(self._run(process, write(part)) for part in parts)
         if done:
             # Memory gives way to the database, but must not keep a value corrected since.
             held = process.memory.get_many(stored)
