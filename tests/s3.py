@@ -207,13 +207,7 @@ def _plain_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> l
     return [b"plain app\n"]
 
 
-def gunicorn_app() -> Any:
-    """ZipMiddleware with one route, ``/s3/<path:subpath>``, served by the ``s3`` resolver from
-    the environment: ``ZM_TEST_S3_ENDPOINT`` and ``ZM_TEST_S3_BUCKET`` (required),
-    ``ZM_TEST_S3_PREFIX`` and ``ZM_TEST_SETTINGS`` (a JSON object of more settings), optional.
-    gunicorn calls it: ``tests.s3:gunicorn_app()``."""
-    from zipmiddleware import ZipMiddleware
-
+def _settings() -> dict[str, Any]:
     route = {
         "resolver": "s3",
         "bucket": os.environ["ZM_TEST_S3_BUCKET"],
@@ -221,4 +215,28 @@ def gunicorn_app() -> Any:
         "endpoint_url": os.environ["ZM_TEST_S3_ENDPOINT"],
     }
     settings = json.loads(os.environ.get("ZM_TEST_SETTINGS") or "{}")
-    return ZipMiddleware(_plain_app, routes={"/s3/<path:subpath>": route}, **settings)
+    return {"routes": {"/s3/<path:subpath>": route}, **settings}
+
+
+def gunicorn_app() -> Any:
+    """ZipMiddleware with one route, ``/s3/<path:subpath>``, served by the ``s3`` resolver from
+    the environment: ``ZM_TEST_S3_ENDPOINT`` and ``ZM_TEST_S3_BUCKET`` (required),
+    ``ZM_TEST_S3_PREFIX`` and ``ZM_TEST_SETTINGS`` (a JSON object of more settings), optional.
+    gunicorn calls it: ``tests.s3:gunicorn_app()``."""
+    from zipmiddleware import ZipMiddleware
+
+    return ZipMiddleware(_plain_app, **_settings())
+
+
+async def _plain_asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"plain app\n"})
+
+
+def asgi_app() -> Any:
+    """The same in front of an ASGI app, for uvicorn: ``uvicorn --factory tests.s3:asgi_app``."""
+    from zipmiddleware.asgi import ZipMiddleware
+
+    return ZipMiddleware(_plain_asgi_app, **_settings())

@@ -48,6 +48,7 @@ from .clients import (
     read_head,
     read_headers,
     read_to_end,
+    require_module,
     run,
     send_get,
     sha256_file,
@@ -66,7 +67,7 @@ from .s3 import (
     put_objects,
     unique_bucket,
 )
-from .servers import PROJECT, GunicornServer
+from .servers import PROJECT, AsgiServer, GunicornServer
 
 MIB = 1024 * 1024
 ROUTE = "/s3/<path:subpath>"
@@ -950,3 +951,57 @@ def test_a_store_that_goes_down_mid_download_aborts_it_and_later_requests_get_a_
         time.sleep(2.5)  # past the reuse of the folder's listing
         result = curl("-o", "/dev/null", "-w", "%{http_code}", server.url + "/s3/pair")
         assert result.stdout == b"503", result
+
+
+@pytest.mark.server
+def test_uvicorn_serves_the_same_archive_and_stops_reading_s3_when_the_client_leaves(
+    moto_endpoint: str,
+    big_bucket: tuple[str, dict[str, bytes]],
+    s3_gunicorn: GunicornServer,
+    tmp_path: Path,
+) -> None:
+    """The ASGI middleware under uvicorn, with the s3 resolver behind the counting proxy: the
+    archive has gunicorn's bytes and ETag, an object's range is read from S3 as a range, and a
+    client that goes away mid-archive ends every read of S3 at once."""
+    require_module("uvicorn")
+    bucket, files = big_bucket
+    with FaultProxy(moto_endpoint) as proxy:
+        env = {
+            "ZM_TEST_S3_ENDPOINT": proxy.url,
+            "ZM_TEST_S3_BUCKET": bucket,
+            "ZM_TEST_S3_PREFIX": "games/",
+            "ZM_TEST_SETTINGS": json.dumps({"crc_cache": ":memory:"}),
+        }
+        with AsgiServer("tests.s3:asgi_app", args=["--factory"], env=env) as server:
+            outputs = {}
+            for name, base in (("wsgi", s3_gunicorn.url), ("asgi", server.url)):
+                output, headers = tmp_path / f"{name}.zip", tmp_path / f"{name}.headers"
+                result = curl("--fail", "-D", headers, "-o", output, base + "/s3/big")
+                assert result.returncode == 0, result.stderr
+                outputs[name] = (sha256_file(output), read_headers(headers)[1]["etag"])
+            assert outputs["asgi"] == outputs["wsgi"]
+            assert_good_zip(tmp_path / "asgi.zip", files)
+
+            proxy.reset_counters()
+            ranged = tmp_path / "slice.bin"
+            result = curl("--fail", "-r", "5000000-5999999", "-o", ranged, server.url + "/s3/big/part-2.bin")
+            assert result.returncode == 0, result.stderr
+            assert ranged.read_bytes() == files["part-2.bin"][5_000_000:6_000_000]
+            gets = [
+                record
+                for record in proxy.requests
+                if record.method == "GET" and "list-type" not in record.target
+            ]
+            assert [record.headers.get("range") for record in gets] == ["bytes=5000000-5999999"]
+
+            proxy.reset_counters()
+            sock = connect("127.0.0.1", server.port, receive_buffer=64 * 1024)
+            send_get(sock, "/s3/big")
+            assert read_head(sock).status == 200
+            assert wait_for(lambda: proxy.in_flight > 0, 5)  # the archive's objects are being read
+            sock.close()
+            assert wait_for(lambda: proxy.in_flight == 0, 5), proxy.requests
+            sent = proxy.bytes_sent
+            time.sleep(1)
+            assert proxy.bytes_sent == sent  # nothing more is read from S3 for it
+            assert curl("--fail", "-o", "/dev/null", server.url + "/s3/big/readme.txt").returncode == 0
