@@ -184,6 +184,27 @@ def test_two_hosts_see_each_others_rows(
     assert host_a.get_checkpoints([one]) == {one: [(8, 9)]}
 
 
+def racing_writers(url: str, count: int) -> list[Key]:
+    """``count`` processes started at once, each making the tables (or finding them made) and
+    writing and reading a key of its own; asserts that none failed, gives their keys."""
+    keys = [Key("raced", 1, str(index)) for index in range(count)]
+    children = []
+    for index, key in enumerate(keys):
+        pid = os.fork()
+        if pid == 0:  # the child: make the tables (or find them), write, look up, report
+            code = 1
+            try:
+                logging.disable(logging.CRITICAL)
+                cache = DatabaseCrcCache(url)
+                cache.put_many({key: index})
+                code = 0 if cache.get_many([key]) == {key: index} and not cache._here().failing else 2
+            finally:
+                os._exit(code)
+        children.append(pid)
+    assert [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children] == [0] * count
+    return keys
+
+
 @pytest.mark.server
 def test_tables_made_by_many_processes_at_once(postgresql_url: str, tmp_path: Path) -> None:
     """Several processes find the tables missing and create them together: none fails."""
@@ -193,26 +214,8 @@ def test_tables_made_by_many_processes_at_once(postgresql_url: str, tmp_path: Pa
         connection.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
     admin.dispose()
     url = f"{postgresql_url}?options=-csearch_path%3D{schema}"
-    key = Key("raced", 1, "1")
-    children = []
-    for index in range(6):
-        pid = os.fork()
-        if pid == 0:  # the child: make the tables (or find them), write, look up, report
-            code = 1
-            try:
-                logging.disable(logging.CRITICAL)
-                cache = DatabaseCrcCache(url)
-                cache.put_many({key._replace(version=str(index)): index})
-                got = cache.get_many([key._replace(version=str(index))])
-                failing = cache._here().failing
-                code = 0 if got == {key._replace(version=str(index)): index} and not failing else 2
-            finally:
-                os._exit(code)
-        children.append(pid)
-    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
-    assert codes == [0] * 6
-    cache = DatabaseCrcCache(url)
-    assert len(cache.get_many([key._replace(version=str(i)) for i in range(6)])) == 6
+    keys = racing_writers(url, 6)
+    assert len(DatabaseCrcCache(url).get_many(keys)) == 6
     with admin.begin() as connection:
         connection.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
     admin.dispose()
@@ -221,21 +224,8 @@ def test_tables_made_by_many_processes_at_once(postgresql_url: str, tmp_path: Pa
 def test_sqlite_tables_made_by_many_processes_at_once(tmp_path: Path) -> None:
     """The same through SQLite, which says a table made meanwhile "already exists"."""
     url = f"sqlite:///{tmp_path / 'crc.sqlite'}"
-    children = []
-    for index in range(8):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                logging.disable(logging.CRITICAL)
-                cache = DatabaseCrcCache(url)
-                key = Key(f"raced-{index}", 1, "1")
-                cache.put_many({key: index})
-                code = 0 if cache.get_many([key]) == {key: index} and not cache._here().failing else 2
-            finally:
-                os._exit(code)
-        children.append(pid)
-    assert [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children] == [0] * 8
+    keys = racing_writers(url, 8)
+    assert len(DatabaseCrcCache(url).get_many(keys)) == 8
 
 
 @pytest.mark.server

@@ -25,6 +25,7 @@ PostgreSQL and SQLite are what this is tested with (lookups and writes there tak
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -164,17 +165,14 @@ class DatabaseCrcCache:
         stored = {key: crc for key, crc in items.items() if self._storable(key)}
         rows = [_row(key, crc) for key, crc in sorted(stored.items())]  # one lock order for all hosts
 
-        def write(part: list[dict[str, Any]]) -> Callable[[Connection], bool]:
-            def run(connection: Connection) -> bool:
-                self._upsert(connection, self._files, part)
-                # The whole file's CRC-32 makes its checkpoints useless.
-                self._delete_checkpoints(connection, part)
-                return True
-
-            return run
+        def write(part: list[dict[str, Any]], connection: Connection) -> bool:
+            self._upsert(connection, self._files, part)
+            # The whole file's CRC-32 makes its checkpoints useless.
+            self._delete_checkpoints(connection, part)
+            return True
 
         parts = [rows[start : start + WRITE_ROWS] for start in range(0, len(rows), WRITE_ROWS)]
-        done = bool(rows) and all(self._run(process, write(part)) for part in parts)
+        done = bool(rows) and all(self._run(process, functools.partial(write, part)) for part in parts)
         if done:
             # Memory gives way to the database, but must not keep a value corrected since.
             held = process.memory.get_many(stored)
@@ -303,14 +301,13 @@ class DatabaseCrcCache:
         """The tables if they are missing. Another process creating them at the same moment
         makes one of the two fail (PostgreSQL: a duplicate table or type; SQLite: a table that
         already exists): a second look then finds them."""
-        import sqlalchemy
+        from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
         try:
             self._metadata.create_all(engine, checkfirst=True)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            self._metadata.create_all(engine, checkfirst=True)
-        except sqlalchemy.exc.OperationalError as exc:  # (also what a database that is down gives)
-            if "already exists" not in str(exc.orig):
+        except (IntegrityError, ProgrammingError, OperationalError) as exc:
+            # (an OperationalError is also what a database that is down gives: not tried again)
+            if isinstance(exc, OperationalError) and "already exists" not in str(exc.orig):
                 raise
             self._metadata.create_all(engine, checkfirst=True)
 

@@ -605,8 +605,8 @@ class S3Resolver(PathResolver):
                     return self._single(found)
             folder = key + "/" if path else self.prefix
             objects = [  # every download its own objects (see S3Object)
-                (relative, S3Object(client, self.bucket, key, etag, size, mtime))
-                for relative, key, etag, size, mtime in self._listing(client, folder)
+                (relative, S3Object(client, self.bucket, listed_key, etag, size, mtime))
+                for relative, listed_key, etag, size, mtime in self._listing(client, folder)
             ]
         except _TooMany:
             logger.warning("s3 folder %s holds more than %d objects: refused", what, MAX_OBJECTS)
@@ -656,13 +656,13 @@ class S3Resolver(PathResolver):
                 listed += 1
                 if listed > MAX_OBJECTS:
                     raise _TooMany()
-                relative = str(item["Key"])[len(folder) :]
+                key = str(item["Key"])
+                relative = key[len(folder) :]
                 if not relative or relative.endswith("/"):  # a folder marker
                     continue
                 *folders, name = relative.split("/")
                 if any(self.rules.excluded(part) for part in folders) or self.rules.ignored(name):
                     continue
-                key = str(item["Key"])
                 found.append(
                     (
                         relative,
